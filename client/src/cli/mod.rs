@@ -1,0 +1,519 @@
+//! Command-line arguments of `filterdb` and the dispatch to the commands.
+
+mod commands;
+mod ingest;
+mod manifest;
+mod render;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use filterdb_client::proto::{Field, Format};
+use filterdb_client::{Client, ClientError, DEFAULT_SERVER};
+
+/// Command-line client for FilterDB, the database of trained CNN 3x3 convolution filters.
+#[derive(Debug, Parser)]
+#[command(name = "filterdb", version, about, long_about = None)]
+pub struct Cli {
+    /// FilterDB server address ("http://host:port" or "host:port").
+    #[arg(long, global = true, env = "FILTERDB_SERVER", default_value = DEFAULT_SERVER, value_name = "URL")]
+    pub server: String,
+    /// Machine output: one JSON document per command on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Upload checkpoints (ONNX, PyTorch, safetensors) and store their 3x3 filters.
+    Ingest(IngestArgs),
+    /// List models, optionally only those with layers matching --where.
+    Models(ModelsArgs),
+    /// Show one model: file facts, labels (raw → canonical) and kernel shape counts.
+    Model(ModelArgs),
+    /// List a model's 3x3 layers.
+    Layers(LayersArgs),
+    /// Print or export raw 3x3 kernels of a model, a layer, a channel or a filter-id range.
+    Filters(FiltersArgs),
+    /// Count models, layers and filters, grouped by meta fields.
+    Census(CensusArgs),
+    /// Change a model's labels; every flag given replaces the stored value.
+    Update(UpdateArgs),
+    /// Delete a model with all its layers and filters.
+    Delete(DeleteArgs),
+    /// Print the label vocabularies the server normalises with.
+    Vocab,
+    /// Explain the --where expression syntax.
+    WhereHelp,
+}
+
+/// Checkpoint container format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// Detect from the file's leading bytes (the default).
+    Auto,
+    /// ONNX model.
+    Onnx,
+    /// torch.save output (zip, legacy pickle or tar).
+    Pytorch,
+    /// safetensors file.
+    Safetensors,
+}
+
+impl FormatArg {
+    /// The proto value.
+    pub fn to_proto(self) -> Format {
+        match self {
+            FormatArg::Auto => Format::Unspecified,
+            FormatArg::Onnx => Format::Onnx,
+            FormatArg::Pytorch => Format::Pytorch,
+            FormatArg::Safetensors => Format::Safetensors,
+        }
+    }
+}
+
+/// Arguments of `ingest`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "With several files, give each its own name in a manifest:\n\n  \
+    [[model]]\n  file = \"resnet50.onnx\"          # relative to the manifest's folder\n  \
+    name = \"resnet50_imagenet\"\n  datasets = [\"imagenet\"]         # or \"imagenet, places365\"\n  \
+    task = \"Classification\"\n  architecture = \"ResNet-50\"\n  \
+    # optional: visual_category, pretraining_datasets, source_uri, license, tags, format, replace\n\n\
+    Flags given with --manifest are defaults for entries that leave a key out."
+)]
+pub struct IngestArgs {
+    /// Checkpoint file(s) to upload.
+    #[arg(
+        value_name = "FILE",
+        required_unless_present = "manifest",
+        conflicts_with = "manifest"
+    )]
+    pub files: Vec<PathBuf>,
+    /// TOML manifest with one [[model]] table per checkpoint.
+    #[arg(long, value_name = "FILE.toml")]
+    pub manifest: Option<PathBuf>,
+    /// Model name (letters, digits and . _ - + @).
+    #[arg(
+        long,
+        value_name = "NAME",
+        required_unless_present = "manifest",
+        conflicts_with = "manifest"
+    )]
+    pub model: Option<String>,
+    /// Training dataset(s); repeat the flag or give a comma list.
+    #[arg(
+        long = "dataset",
+        value_name = "D",
+        value_delimiter = ',',
+        required_unless_present = "manifest"
+    )]
+    pub datasets: Vec<String>,
+    /// Task, e.g. Classification, Segmentation, GAN-Generator.
+    #[arg(long, value_name = "T", required_unless_present = "manifest")]
+    pub task: Option<String>,
+    /// Architecture as published, e.g. ResNet-50, VGG16, UNet.
+    #[arg(long, value_name = "A", required_unless_present = "manifest")]
+    pub architecture: Option<String>,
+    /// Visual category of the training data (default: the first dataset's).
+    #[arg(long, value_name = "C")]
+    pub visual_category: Option<String>,
+    /// Pre-training dataset(s); repeat the flag or give a comma list.
+    #[arg(long = "pretraining-dataset", value_name = "P", value_delimiter = ',')]
+    pub pretraining_datasets: Vec<String>,
+    /// Where the checkpoint came from (URL or path).
+    #[arg(long, value_name = "U")]
+    pub source_uri: Option<String>,
+    /// License of the weights.
+    #[arg(long, value_name = "L")]
+    pub license: Option<String>,
+    /// Free tag; repeatable.
+    #[arg(long = "tag", value_name = "T")]
+    pub tags: Vec<String>,
+    /// Container format; detected from the bytes when not given.
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// Replace an existing model of the same name instead of failing.
+    #[arg(long)]
+    pub replace: bool,
+}
+
+/// Arguments of `models`.
+#[derive(Debug, Args)]
+pub struct ModelsArgs {
+    /// Only models with at least one layer matching this expression (see `filterdb where-help`).
+    #[arg(long = "where", value_name = "EXPR")]
+    pub where_: Option<String>,
+}
+
+/// Arguments of `model`.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Model id or name.
+    pub model: String,
+}
+
+/// Arguments of `layers`.
+#[derive(Debug, Args)]
+pub struct LayersArgs {
+    /// Model id or name.
+    pub model: String,
+    /// Only layers matching this expression (see `filterdb where-help`).
+    #[arg(long = "where", value_name = "EXPR")]
+    pub where_: Option<String>,
+}
+
+/// Arguments of `filters`.
+#[derive(Debug, Args)]
+pub struct FiltersArgs {
+    /// Model id or name.
+    #[arg(required_unless_present = "ids", conflicts_with = "ids")]
+    pub model: Option<String>,
+    /// Layer index within the model (0-based).
+    #[arg(long, value_name = "L")]
+    pub layer: Option<u32>,
+    /// Output channel of the layer: its in_channels filters.
+    #[arg(long, value_name = "O", requires = "layer")]
+    pub channel: Option<u32>,
+    /// Filter-id range, end exclusive.
+    #[arg(long, value_name = "START:END", value_parser = parse_id_range, conflicts_with_all = ["layer", "channel"])]
+    pub ids: Option<(u64, u64)>,
+    /// Stop after N filters.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+    /// Write the little-endian float32 kernels, exactly as received, to this file.
+    #[arg(long, value_name = "OUT.f32")]
+    pub raw: Option<PathBuf>,
+}
+
+/// Arguments of `census`.
+#[derive(Debug, Args)]
+pub struct CensusArgs {
+    /// Group by this field (repeatable or comma list), e.g. task, architecture, depth_decile.
+    #[arg(long = "group-by", value_name = "FIELD", value_parser = parse_field, value_delimiter = ',')]
+    pub group_by: Vec<Field>,
+    /// Only layers matching this expression (see `filterdb where-help`).
+    #[arg(long = "where", value_name = "EXPR")]
+    pub where_: Option<String>,
+}
+
+/// Arguments of `update`.
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// Model id or name.
+    pub model: String,
+    /// New model name.
+    #[arg(long, value_name = "N")]
+    pub name: Option<String>,
+    /// Training datasets (replace the list); repeat the flag or give a comma list.
+    #[arg(long = "dataset", value_name = "D", value_delimiter = ',')]
+    pub datasets: Vec<String>,
+    /// Pre-training datasets (replace the list); repeat the flag or give a comma list.
+    #[arg(long = "pretraining-dataset", value_name = "P", value_delimiter = ',')]
+    pub pretraining_datasets: Vec<String>,
+    /// Clear the pre-training datasets.
+    #[arg(long, conflicts_with = "pretraining_datasets")]
+    pub clear_pretraining_datasets: bool,
+    /// Task.
+    #[arg(long, value_name = "T")]
+    pub task: Option<String>,
+    /// Architecture.
+    #[arg(long, value_name = "A")]
+    pub architecture: Option<String>,
+    /// Visual category.
+    #[arg(long, value_name = "C")]
+    pub visual_category: Option<String>,
+    /// Source URI.
+    #[arg(long, value_name = "U")]
+    pub source_uri: Option<String>,
+    /// License.
+    #[arg(long, value_name = "L")]
+    pub license: Option<String>,
+    /// Tags (replace the list); repeatable.
+    #[arg(long = "tag", value_name = "T")]
+    pub tags: Vec<String>,
+    /// Remove all tags.
+    #[arg(long, conflicts_with = "tags")]
+    pub clear_tags: bool,
+}
+
+/// Arguments of `delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Model id or name.
+    pub model: String,
+    /// Do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+/// Parses `START:END` (end exclusive).
+fn parse_id_range(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s
+        .split_once(':')
+        .ok_or_else(|| format!("`{s}` is not START:END"))?;
+    let start = a
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| format!("`{a}` is not a filter id"))?;
+    let end = b
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| format!("`{b}` is not a filter id"))?;
+    if end < start {
+        return Err(format!("the range {start}:{end} ends before it starts"));
+    }
+    Ok((start, end))
+}
+
+/// Parses a field name of the `--where` syntax.
+fn parse_field(s: &str) -> Result<Field, String> {
+    filterdb_client::proto::expr::field_by_name(s.trim()).ok_or_else(|| {
+        let names: Vec<&str> = filterdb_client::proto::expr::FIELD_NAMES
+            .iter()
+            .map(|(n, _)| *n)
+            .collect();
+        format!("unknown field `{s}`; fields: {}", names.join(", "))
+    })
+}
+
+/// What every command needs: where the server is and how to print.
+pub struct Ctx {
+    /// Server URL as given.
+    pub server: String,
+    /// JSON output instead of tables.
+    pub json: bool,
+}
+
+impl Ctx {
+    /// Connects to the server.
+    pub async fn connect(&self) -> Result<Client, ClientError> {
+        Client::connect(&self.server).await
+    }
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let ctx = Ctx {
+        server: cli.server,
+        json: cli.json,
+    };
+    match cli.command {
+        Command::Ingest(a) => return ingest::run(&ctx, a).await,
+        Command::Models(a) => commands::models(&ctx, a).await?,
+        Command::Model(a) => commands::model(&ctx, a).await?,
+        Command::Layers(a) => commands::layers(&ctx, a).await?,
+        Command::Filters(a) => commands::filters(&ctx, a).await?,
+        Command::Census(a) => commands::census(&ctx, a).await?,
+        Command::Update(a) => commands::update(&ctx, a).await?,
+        Command::Delete(a) => commands::delete(&ctx, a).await?,
+        Command::Vocab => commands::vocab(&ctx).await?,
+        Command::WhereHelp => commands::where_help(&ctx)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// True when the error is stdout closing early, which is not a failure of the command.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("filterdb").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn ingest_single_file() {
+        let cli = parse(&[
+            "ingest",
+            "a.onnx",
+            "--model",
+            "m1",
+            "--dataset",
+            "imagenet,cifar10",
+            "--dataset",
+            "places365",
+            "--task",
+            "Classification",
+            "--architecture",
+            "ResNet-50",
+            "--tag",
+            "x",
+            "--tag",
+            "y",
+            "--format",
+            "onnx",
+            "--replace",
+            "--server",
+            "10.0.0.1:5",
+            "--json",
+        ])
+        .unwrap();
+        assert_eq!(cli.server, "10.0.0.1:5");
+        assert!(cli.json);
+        let Command::Ingest(a) = cli.command else {
+            panic!()
+        };
+        assert_eq!(a.files, vec![PathBuf::from("a.onnx")]);
+        assert_eq!(a.datasets, vec!["imagenet", "cifar10", "places365"]);
+        assert_eq!(a.tags, vec!["x", "y"]);
+        assert_eq!(a.format, Some(FormatArg::Onnx));
+        assert!(a.replace);
+    }
+
+    #[test]
+    fn ingest_requirements() {
+        // Files need the labels.
+        assert!(parse(&["ingest", "a.onnx", "--model", "m"]).is_err());
+        // A manifest alone is enough, and excludes files and --model.
+        assert!(parse(&["ingest", "--manifest", "m.toml"]).is_ok());
+        assert!(
+            parse(&[
+                "ingest",
+                "--manifest",
+                "m.toml",
+                "--task",
+                "Classification",
+                "--replace"
+            ])
+            .is_ok()
+        );
+        assert!(parse(&["ingest", "--manifest", "m.toml", "a.onnx"]).is_err());
+        assert!(parse(&["ingest", "--manifest", "m.toml", "--model", "x"]).is_err());
+        assert!(
+            parse(&[
+                "ingest",
+                "a",
+                "--model",
+                "m",
+                "--dataset",
+                "d",
+                "--task",
+                "t",
+                "--architecture",
+                "a",
+                "--format",
+                "tf"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn filters_forms() {
+        let cli = parse(&["filters", "--ids", "10:20", "--raw", "out.f32"]).unwrap();
+        let Command::Filters(a) = cli.command else {
+            panic!()
+        };
+        assert_eq!(a.ids, Some((10, 20)));
+        assert_eq!(a.raw, Some(PathBuf::from("out.f32")));
+        let cli = parse(&[
+            "filters",
+            "resnet",
+            "--layer",
+            "2",
+            "--channel",
+            "5",
+            "--limit",
+            "3",
+        ])
+        .unwrap();
+        let Command::Filters(a) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            (a.model.as_deref(), a.layer, a.channel, a.limit),
+            (Some("resnet"), Some(2), Some(5), Some(3))
+        );
+        assert!(
+            parse(&["filters", "m", "--channel", "1"]).is_err(),
+            "--channel needs --layer"
+        );
+        assert!(parse(&["filters", "m", "--ids", "1:2"]).is_err());
+        assert!(parse(&["filters"]).is_err());
+        assert!(parse(&["filters", "--ids", "5:2"]).is_err());
+        assert!(parse(&["filters", "--ids", "5"]).is_err());
+    }
+
+    #[test]
+    fn census_fields() {
+        let cli = parse(&[
+            "census",
+            "--group-by",
+            "task,arch",
+            "--group-by",
+            "depth_decile",
+            "--where",
+            "format = onnx",
+        ])
+        .unwrap();
+        let Command::Census(a) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            a.group_by,
+            vec![Field::Task, Field::Architecture, Field::DepthDecile]
+        );
+        assert_eq!(a.where_.as_deref(), Some("format = onnx"));
+        let e = parse(&["census", "--group-by", "colour"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        assert!(parse(&["census", "--group-by", "DEPTH_DECILE_FIRST"]).is_ok());
+    }
+
+    #[test]
+    fn update_and_delete() {
+        let cli = parse(&[
+            "update",
+            "7",
+            "--name",
+            "n2",
+            "--dataset",
+            "a,b",
+            "--clear-tags",
+        ])
+        .unwrap();
+        let Command::Update(a) = cli.command else {
+            panic!()
+        };
+        assert_eq!(a.datasets, vec!["a", "b"]);
+        assert!(a.clear_tags && a.tags.is_empty());
+        assert!(parse(&["update", "7", "--tag", "x", "--clear-tags"]).is_err());
+        let cli = parse(&["delete", "m", "-y"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Delete(DeleteArgs { yes: true, .. })
+        ));
+        assert!(matches!(
+            parse(&["where-help"]).unwrap().command,
+            Command::WhereHelp
+        ));
+        assert!(matches!(parse(&["vocab"]).unwrap().command, Command::Vocab));
+    }
+
+    #[test]
+    fn server_default() {
+        // The env var may be set in a developer's shell; only check when it is not.
+        if std::env::var_os("FILTERDB_SERVER").is_none() {
+            assert_eq!(parse(&["models"]).unwrap().server, DEFAULT_SERVER);
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! `filterdb-server`: the FilterDB gRPC server on its embedded RocksDB.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use filterdb::engine::Engine;
+use filterdb::server::{ServerConfig, serve};
+use tracing_subscriber::EnvFilter;
+
+/// FilterDB: a database of trained CNN convolution filters with a gRPC query server.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Data directory (created if missing).
+    #[arg(long, env = "FILTERDB_DATA_DIR", default_value = "./filterdb-data")]
+    data_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "FILTERDB_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: String,
+    /// Log format: text or json.
+    #[arg(long, env = "FILTERDB_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if args.log_format == "json" {
+        tracing_subscriber::fmt().with_env_filter(filter).json().init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let engine = Arc::new(Engine::open(&args.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?);
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+        serve(engine, listener, ServerConfig::default(), shutdown_signal()).await
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,416 @@
+//! RocksDB behind a small interface: open with schema checks and migrations, atomic commits of
+//! whole models, deletes, and reads of records and filter blocks. Nothing above this module
+//! knows a key encoding.
+
+pub mod keys;
+pub mod records;
+
+#[path = "../../../migrations/mod.rs"]
+pub mod migrations;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions};
+
+use crate::stats::LayerStats;
+use keys::*;
+use records::*;
+
+/// Storage errors. The API maps them to INTERNAL (or FAILED_PRECONDITION for schema issues).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// RocksDB reported an error.
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    /// The directory was written by a newer FilterDB.
+    #[error(
+        "data directory {dir} has schema version {found}, but this FilterDB build understands versions up to {supported}; use a newer FilterDB (downgrades are not supported)"
+    )]
+    NewerSchema {
+        /// Directory.
+        dir: String,
+        /// Stored version.
+        found: u32,
+        /// Version of this build.
+        supported: u32,
+    },
+    /// A stored record does not decode.
+    #[error("corrupt record in `{cf}`: {detail}")]
+    Corrupt {
+        /// Column family.
+        cf: &'static str,
+        /// What failed.
+        detail: String,
+    },
+    /// A migration step failed.
+    #[error("migration to schema version {to} ({name}) failed: {detail}")]
+    Migration {
+        /// Target version.
+        to: u32,
+        /// Step name.
+        name: &'static str,
+        /// What failed.
+        detail: String,
+    },
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The open database.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+    dir: PathBuf,
+}
+
+/// Everything needed to rebuild the in-memory catalogue at startup.
+pub struct Loaded {
+    /// Models by id order.
+    pub models: Vec<ModelRecord>,
+    /// Layers by id order, with statistics.
+    pub layers: Vec<StoredLayer>,
+    /// Counters.
+    pub next_ids: NextIds,
+}
+
+fn cf_options() -> Options {
+    let mut o = Options::default();
+    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    o.set_bottommost_compression_type(rocksdb::DBCompressionType::Zstd);
+    o
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `dir`, checks the schema version and runs
+    /// pending migrations; then removes blocks of ingests that crashed before their commit.
+    pub fn open(dir: &Path) -> Result<Store> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_background_jobs(2);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, cf_options()));
+        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
+        let store = Store { db: Arc::new(db), dir: dir.to_path_buf() };
+        store.check_schema()?;
+        store.cleanup_pending()?;
+        Ok(store)
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The underlying database (for snapshots and checkpoints).
+    pub fn db(&self) -> &Arc<DB> {
+        &self.db
+    }
+
+    fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily> {
+        self.db.cf_handle(name).ok_or(StoreError::Corrupt { cf: name, detail: "column family missing".into() })
+    }
+
+    /// The stored schema version, if any.
+    pub fn schema_version(&self) -> Result<Option<u32>> {
+        let v = self.db.get_cf(self.cf(CF_META)?, SCHEMA_VERSION_KEY)?;
+        match v {
+            None => Ok(None),
+            Some(b) => {
+                let arr: [u8; 4] = b.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                    cf: CF_META,
+                    detail: format!("schema_version has {} bytes, expected 4", b.len()),
+                })?;
+                Ok(Some(u32::from_le_bytes(arr)))
+            }
+        }
+    }
+
+    fn check_schema(&self) -> Result<()> {
+        let found = self.schema_version()?.unwrap_or(0);
+        let current = migrations::CURRENT_VERSION;
+        if found > current {
+            return Err(StoreError::NewerSchema { dir: self.dir.display().to_string(), found, supported: current });
+        }
+        for step in migrations::STEPS.iter().filter(|s| s.to > found && s.to <= current) {
+            let mut batch = WriteBatch::default();
+            (step.apply)(&self.db, &mut batch).map_err(|detail| StoreError::Migration {
+                to: step.to,
+                name: step.name,
+                detail,
+            })?;
+            batch.put_cf(self.cf(CF_META)?, SCHEMA_VERSION_KEY, step.to.to_le_bytes());
+            self.db.write_opt(batch, &sync_write())?;
+            tracing::info!(to = step.to, name = step.name, "applied schema migration");
+        }
+        Ok(())
+    }
+
+    /// Deletes filter blocks left by ingests that never committed (crash between the block
+    /// writes and the commit batch).
+    fn cleanup_pending(&self) -> Result<()> {
+        let meta = self.cf(CF_META)?;
+        let mut stale = Vec::new();
+        for item in self.db.iterator_cf(meta, IteratorMode::From(PENDING_PREFIX, Direction::Forward)) {
+            let (k, v) = item?;
+            if !k.starts_with(PENDING_PREFIX) {
+                break;
+            }
+            let p: PendingIngest = decode(CF_META, &v)?;
+            stale.push((k.to_vec(), p));
+        }
+        for (k, p) in stale {
+            let mut batch = WriteBatch::default();
+            batch.delete_range_cf(
+                self.cf(CF_FILTER_BLOCKS)?,
+                block_key(p.first_layer_id, 0),
+                block_key(p.end_layer_id, 0),
+            );
+            batch.delete_cf(meta, &k);
+            self.db.write_opt(batch, &sync_write())?;
+            tracing::warn!(first_layer_id = p.first_layer_id, "removed blocks of an ingest that did not commit");
+        }
+        Ok(())
+    }
+
+    /// Loads every model, layer and statistic (startup).
+    pub fn load_all(&self) -> Result<Loaded> {
+        let mut models = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_MODELS)?, IteratorMode::Start) {
+            let (_, v) = item?;
+            models.push(decode::<ModelRecord>(CF_MODELS, &v)?);
+        }
+        let stats_cf = self.cf(CF_LAYER_STATS)?;
+        let mut layers = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_LAYERS)?, IteratorMode::Start) {
+            let (k, v) = item?;
+            let record: LayerRecord = decode(CF_LAYERS, &v)?;
+            let stats = match self.db.get_cf(stats_cf, &k)? {
+                Some(s) => decode::<LayerStats>(CF_LAYER_STATS, &s)?,
+                None => {
+                    return Err(StoreError::Corrupt {
+                        cf: CF_LAYER_STATS,
+                        detail: format!("layer {} has no statistics", record.layer_id),
+                    });
+                }
+            };
+            layers.push(StoredLayer { record, stats });
+        }
+        let next_ids = match self.db.get_cf(self.cf(CF_META)?, NEXT_IDS_KEY)? {
+            Some(v) => decode(CF_META, &v)?,
+            None => NextIds::default(),
+        };
+        Ok(Loaded { models, layers, next_ids })
+    }
+
+    /// Stores a whole model atomically: after this returns, the model survives a crash, and
+    /// before it, no part of it is visible. Blocks of large models are written ahead in
+    /// bounded batches under a pending marker, and the final synced batch makes them visible.
+    /// `replaces` is deleted in the same final batch.
+    pub fn commit_model(
+        &self,
+        model: &ModelRecord,
+        layers: &[(LayerRecord, LayerStats, &[f32])],
+        next_ids: NextIds,
+        replaces: Option<(&ModelRecord, &[LayerRecord])>,
+    ) -> Result<()> {
+        const AHEAD_BYTES: usize = 64 << 20;
+        let blocks_cf = self.cf(CF_FILTER_BLOCKS)?;
+        let total_bytes: usize = layers.iter().map(|(_, _, f)| f.len() * 4).sum();
+        let mut batch = WriteBatch::default();
+        let ahead = total_bytes > AHEAD_BYTES;
+        let pending = pending_key(model.model_id);
+        if ahead {
+            let p = PendingIngest {
+                first_layer_id: model.first_layer_id,
+                end_layer_id: model.first_layer_id + u64::from(model.n_layers),
+            };
+            let mut marker = WriteBatch::default();
+            marker.put_cf(self.cf(CF_META)?, &pending, encode(&p));
+            self.db.write_opt(marker, &sync_write())?;
+        }
+        for (rec, _, filters) in layers {
+            let mut buf = Vec::new();
+            for (bi, chunk) in filters.chunks(BLOCK_FILTERS as usize * 9).enumerate() {
+                buf.clear();
+                buf.reserve(chunk.len() * 4);
+                for v in chunk {
+                    buf.extend_from_slice(&v.to_le_bytes());
+                }
+                batch.put_cf(blocks_cf, block_key(rec.layer_id, bi as u32), &buf);
+                if ahead && batch.size_in_bytes() >= AHEAD_BYTES {
+                    self.db.write_opt(std::mem::take(&mut batch), &WriteOptions::default())?;
+                }
+            }
+        }
+        if ahead {
+            self.db.write_opt(std::mem::take(&mut batch), &WriteOptions::default())?;
+        }
+        if let Some((old, old_layers)) = replaces {
+            self.delete_into(&mut batch, old, old_layers)?;
+        }
+        let id = id_key(model.model_id);
+        batch.put_cf(self.cf(CF_MODELS)?, id, encode(model));
+        batch.put_cf(self.cf(CF_MODEL_NAMES)?, model.name.as_bytes(), id);
+        let hash = hex::decode(&model.content_sha256)
+            .map_err(|e| StoreError::Corrupt { cf: CF_CONTENT_HASHES, detail: e.to_string() })?;
+        batch.put_cf(self.cf(CF_CONTENT_HASHES)?, &hash, id);
+        for (rec, stats, _) in layers {
+            let lk = id_key(rec.layer_id);
+            batch.put_cf(self.cf(CF_LAYERS)?, lk, encode(rec));
+            batch.put_cf(self.cf(CF_LAYER_STATS)?, lk, encode(stats));
+            batch.put_cf(self.cf(CF_FILTER_INDEX)?, id_key(rec.first_filter_id), lk);
+        }
+        for k in meta_index_keys(model) {
+            batch.put_cf(self.cf(CF_META_INDEX)?, k, b"");
+        }
+        batch.put_cf(self.cf(CF_META)?, NEXT_IDS_KEY, encode(&next_ids));
+        if ahead {
+            batch.delete_cf(self.cf(CF_META)?, &pending);
+        }
+        self.db.write_opt(batch, &sync_write())?;
+        Ok(())
+    }
+
+    fn delete_into(&self, batch: &mut WriteBatch, model: &ModelRecord, layers: &[LayerRecord]) -> Result<()> {
+        batch.delete_cf(self.cf(CF_MODELS)?, id_key(model.model_id));
+        batch.delete_cf(self.cf(CF_MODEL_NAMES)?, model.name.as_bytes());
+        if let Ok(hash) = hex::decode(&model.content_sha256) {
+            batch.delete_cf(self.cf(CF_CONTENT_HASHES)?, &hash);
+        }
+        for l in layers {
+            batch.delete_cf(self.cf(CF_LAYERS)?, id_key(l.layer_id));
+            batch.delete_cf(self.cf(CF_LAYER_STATS)?, id_key(l.layer_id));
+            batch.delete_cf(self.cf(CF_FILTER_INDEX)?, id_key(l.first_filter_id));
+        }
+        let end = model.first_layer_id + u64::from(model.n_layers);
+        batch.delete_range_cf(self.cf(CF_FILTER_BLOCKS)?, block_key(model.first_layer_id, 0), block_key(end, 0));
+        for k in meta_index_keys(model) {
+            batch.delete_cf(self.cf(CF_META_INDEX)?, k);
+        }
+        Ok(())
+    }
+
+    /// Deletes a model with all its layers, blocks, statistics and index entries, atomically.
+    pub fn delete_model(&self, model: &ModelRecord, layers: &[LayerRecord]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        self.delete_into(&mut batch, model, layers)?;
+        self.db.write_opt(batch, &sync_write())?;
+        Ok(())
+    }
+
+    /// Replaces a model record (labels or name changed), keeping indexes in step.
+    pub fn update_model(&self, old: &ModelRecord, new: &ModelRecord) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        for k in meta_index_keys(old) {
+            batch.delete_cf(self.cf(CF_META_INDEX)?, k);
+        }
+        if old.name != new.name {
+            batch.delete_cf(self.cf(CF_MODEL_NAMES)?, old.name.as_bytes());
+        }
+        let id = id_key(new.model_id);
+        batch.put_cf(self.cf(CF_MODEL_NAMES)?, new.name.as_bytes(), id);
+        batch.put_cf(self.cf(CF_MODELS)?, id, encode(new));
+        for k in meta_index_keys(new) {
+            batch.put_cf(self.cf(CF_META_INDEX)?, k, b"");
+        }
+        self.db.write_opt(batch, &sync_write())?;
+        Ok(())
+    }
+
+    /// Reads filters `[start, end)` (indices within the layer) of a layer, as f32 values,
+    /// from a consistent view.
+    pub fn read_layer_filters(
+        &self,
+        snapshot: Option<&rocksdb::Snapshot<'_>>,
+        layer: &LayerRecord,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<f32>> {
+        let end = end.min(layer.n_filters);
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let cf = self.cf(CF_FILTER_BLOCKS)?;
+        let mut out = Vec::with_capacity(((end - start) * 9) as usize);
+        let first_block = (start / BLOCK_FILTERS) as u32;
+        let last_block = ((end - 1) / BLOCK_FILTERS) as u32;
+        let mut ro = ReadOptions::default();
+        if let Some(s) = snapshot {
+            ro.set_snapshot(s);
+        }
+        ro.set_iterate_upper_bound(block_key(layer.layer_id, last_block + 1).to_vec());
+        let from = block_key(layer.layer_id, first_block);
+        let mut expected = first_block;
+        for item in self.db.iterator_cf_opt(cf, ro, IteratorMode::From(&from, Direction::Forward)) {
+            let (k, v) = item?;
+            let block = u32::from_be_bytes(k.get(8..12).and_then(|b| b.try_into().ok()).ok_or_else(|| {
+                StoreError::Corrupt { cf: CF_FILTER_BLOCKS, detail: "short block key".into() }
+            })?);
+            if block != expected || v.len() % FILTER_BYTES != 0 {
+                return Err(StoreError::Corrupt {
+                    cf: CF_FILTER_BLOCKS,
+                    detail: format!("layer {} block {block} missing or malformed", layer.layer_id),
+                });
+            }
+            let block_start = u64::from(block) * BLOCK_FILTERS;
+            let lo = start.saturating_sub(block_start) as usize;
+            let n_in_block = (v.len() / FILTER_BYTES) as u64;
+            let hi = (end - block_start).min(n_in_block) as usize;
+            for c in v[lo * FILTER_BYTES..hi * FILTER_BYTES].chunks_exact(4) {
+                out.push(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            }
+            expected += 1;
+        }
+        if out.len() as u64 != (end - start) * 9 {
+            return Err(StoreError::Corrupt {
+                cf: CF_FILTER_BLOCKS,
+                detail: format!("layer {} holds fewer filters than its record says", layer.layer_id),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Flushes memtables (used at shutdown, so restarts need no WAL replay).
+    pub fn flush(&self) -> Result<()> {
+        for name in ALL_CFS {
+            self.db.flush_cf(self.cf(name)?)?;
+        }
+        Ok(())
+    }
+}
+
+fn sync_write() -> WriteOptions {
+    let mut w = WriteOptions::default();
+    w.set_sync(true);
+    w
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    // Records are plain data (no maps with non-string keys), so serialisation cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(cf: &'static str, b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| StoreError::Corrupt { cf, detail: e.to_string() })
+}
+
+fn meta_index_keys(m: &ModelRecord) -> Vec<Vec<u8>> {
+    use crate::vocab::key;
+    let mut out = Vec::new();
+    for d in &m.meta.training_datasets {
+        out.push(meta_index_key(field_tag::TRAINING_DATASET, &key(&d.canonical), m.model_id));
+    }
+    for d in &m.meta.pretraining_datasets {
+        out.push(meta_index_key(field_tag::PRETRAINING_DATASET, &key(&d.canonical), m.model_id));
+    }
+    out.push(meta_index_key(field_tag::TASK, &key(&m.meta.task.canonical), m.model_id));
+    out.push(meta_index_key(field_tag::ARCHITECTURE, &key(&m.meta.architecture.canonical), m.model_id));
+    out.push(meta_index_key(field_tag::VISUAL_CATEGORY, &key(&m.meta.visual_category.canonical), m.model_id));
+    for t in &m.meta.tags {
+        out.push(meta_index_key(field_tag::TAG, &key(t), m.model_id));
+    }
+    out
+}

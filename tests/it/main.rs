@@ -1,0 +1,9 @@
+//! End-to-end tests: a real FilterDB server (in-process on loopback, or the real binary for
+//! crash tests) over a real RocksDB, fed the committed checkpoint fixtures written by torch,
+//! onnx and safetensors (see tests/fixtures/make_fixtures.py).
+
+mod bad_inputs;
+mod crash;
+mod harness;
+mod ingest;
+mod python;
