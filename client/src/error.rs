@@ -5,46 +5,55 @@ use std::path::PathBuf;
 use filterdb_proto::expr::ParseError;
 
 /// Everything a [`Client`](crate::Client) call can fail with.
+///
+/// Each message already includes its cause, so no variant reports a `source()`: printing the
+/// error chain (as `anyhow`'s `{:#}` does) would otherwise repeat it.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server URL could not be parsed.
-    #[error("invalid server URL `{url}`: {}", chain(.source))]
+    #[error("invalid server URL `{url}`: {}", chain(.error))]
     InvalidUrl {
         /// The URL as given (after adding a missing `http://`).
         url: String,
         /// Why tonic rejected it.
-        source: tonic::transport::Error,
+        error: tonic::transport::Error,
     },
     /// No connection could be made to the server.
-    #[error("cannot reach FilterDB at {url}: {} (is filterdb-server running?)", chain(.source))]
+    #[error("cannot reach FilterDB at {url}: {} (is filterdb-server running?)", chain(.error))]
     Connect {
         /// The URL dialled.
         url: String,
         /// The transport failure.
-        source: tonic::transport::Error,
+        error: tonic::transport::Error,
     },
     /// The server answered with a gRPC error; the status is kept whole so callers can match codes.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
-    Status(#[from] tonic::Status),
+    Status(tonic::Status),
     /// A local file could not be read or written.
-    #[error("{}: {source}", .path.display())]
+    #[error("{}: {error}", .path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The I/O failure.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A `--where` expression did not parse.
-    #[error("invalid --where expression `{expr}`: {source}")]
+    #[error("invalid --where expression `{expr}`: {error}")]
     Expr {
         /// The expression text.
         expr: String,
         /// Where and why it failed.
-        source: ParseError,
+        error: ParseError,
     },
     /// The server sent something the contract does not allow.
     #[error("protocol error: {0}")]
     Protocol(String),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Status(s)
+    }
 }
 
 impl ClientError {

@@ -75,17 +75,17 @@ impl Client {
     pub async fn connect(url: &str) -> Result<Client, ClientError> {
         let url = normalize_url(url);
         let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|source| ClientError::InvalidUrl {
+            .map_err(|error| ClientError::InvalidUrl {
                 url: url.clone(),
-                source,
+                error,
             })?
             .connect_timeout(Duration::from_secs(10));
         let channel = endpoint
             .connect()
             .await
-            .map_err(|source| ClientError::Connect {
+            .map_err(|error| ClientError::Connect {
                 url: url.clone(),
-                source,
+                error,
             })?;
         Ok(Client::from_channel(channel, url))
     }
@@ -122,9 +122,9 @@ impl Client {
         mut header: IngestHeader,
         on_progress: impl FnMut(&IngestProgress),
     ) -> Result<IngestResult, ClientError> {
-        let io_err = |source| ClientError::Io {
+        let io_err = |error| ClientError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         };
         let file = tokio::fs::File::open(path).await.map_err(io_err)?;
         let meta = file.metadata().await.map_err(io_err)?;
@@ -192,7 +192,7 @@ impl Client {
                 biased;
                 msg = prx.recv(), if upload_open => match msg {
                     Some(Ok(sent)) => on_progress(&sent_progress(sent)),
-                    Some(Err(source)) => return Err(ClientError::Io { path: path.to_path_buf(), source }),
+                    Some(Err(error)) => return Err(ClientError::Io { path: path.to_path_buf(), error }),
                     None => upload_open = false,
                 },
                 r = &mut call => break r?,
@@ -206,7 +206,7 @@ impl Client {
                     Some(Ok(sent)) => on_progress(&sent_progress(sent)),
                     // Returning drops the call, which resets the stream, so the server never
                     // stores a partial upload (it would also reject it: total_bytes is set).
-                    Some(Err(source)) => return Err(ClientError::Io { path: path.to_path_buf(), source }),
+                    Some(Err(error)) => return Err(ClientError::Io { path: path.to_path_buf(), error }),
                     None => upload_open = false,
                 },
                 m = inbound.message() => match m? {
@@ -357,9 +357,9 @@ pub fn selection(where_: Option<&str>) -> Result<Option<Selection>, ClientError>
             predicate: None,
             expr: text.to_string(),
         })),
-        Err(source) => Err(ClientError::Expr {
+        Err(error) => Err(ClientError::Expr {
             expr: text.to_string(),
-            source,
+            error,
         }),
     }
 }

@@ -13,9 +13,9 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) if cli::is_broken_pipe(&e) => ExitCode::SUCCESS, // `filterdb filters ... | head`
         Err(e) => {
-            // `{:#}` prints the context chain; gRPC errors render as `CODE: message` and
-            // connection failures as `cannot reach FilterDB at URL: ...`.
-            eprintln!("error: {e:#}");
+            // gRPC errors render as `CODE: message`, connection failures as
+            // `cannot reach FilterDB at URL: ...`, other errors with their context chain.
+            eprintln!("error: {}", cli::render_error(&e));
             ExitCode::FAILURE
         }
     }

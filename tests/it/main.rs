@@ -7,3 +7,4 @@ mod crash;
 mod harness;
 mod ingest;
 mod python;
+mod service;

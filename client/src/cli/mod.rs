@@ -317,6 +317,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// An error with its causes joined by `: `, skipping causes whose text is already shown (many
+/// errors repeat their source in their own message).
+pub fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if out.contains(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+    }
+    out
+}
+
 /// True when the error is stdout closing early, which is not a failure of the command.
 pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
@@ -507,6 +524,20 @@ mod tests {
             Command::WhereHelp
         ));
         assert!(matches!(parse(&["vocab"]).unwrap().command, Command::Vocab));
+    }
+
+    #[test]
+    fn errors_render_once() {
+        let e = anyhow::Error::from(ClientError::from(tonic::Status::not_found(
+            "no model with id 9",
+        )));
+        assert_eq!(render_error(&e), "NOT_FOUND: no model with id 9");
+        let e =
+            anyhow::Error::from(std::io::Error::other("disk full")).context("cannot write out.f32");
+        assert_eq!(render_error(&e), "cannot write out.f32: disk full");
+        let e = filterdb_client::selection(Some("colour = red")).unwrap_err();
+        let text = render_error(&anyhow::Error::from(e));
+        assert_eq!(text.matches("unknown field").count(), 1, "{text}");
     }
 
     #[test]

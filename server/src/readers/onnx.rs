@@ -30,7 +30,7 @@ pub fn read(path: &Path) -> Result<Checkpoint, ReadError> {
     from_model(model)
 }
 
-/// Where a graph value comes from, as far as depth is concerned.
+/// Depth state of a node during the longest-path sweep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum NodeDepth {
     /// Not yet computed (its producers are not all done).
@@ -290,11 +290,11 @@ fn node_depths(
     let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (i, node) in nodes.iter().enumerate() {
         for inp in node.input.iter().filter(|s| !s.is_empty()) {
-            if let Some(&p) = producer_of.get(inp.as_str()) {
-                if let (Some(w), Some(c)) = (waiting_on.get_mut(i), consumers.get_mut(p)) {
-                    *w += 1;
-                    c.push(i);
-                }
+            if let Some(&p) = producer_of.get(inp.as_str())
+                && let (Some(w), Some(c)) = (waiting_on.get_mut(i), consumers.get_mut(p))
+            {
+                *w += 1;
+                c.push(i);
             }
         }
     }

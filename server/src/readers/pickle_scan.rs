@@ -53,6 +53,25 @@ pub(crate) const ALLOWED_GLOBALS: &[(&str, &str)] = &[
     ("torch", "UntypedStorage"),
     ("torch", "ComplexFloatStorage"),
     ("torch", "ComplexDoubleStorage"),
+    // GPU-saved files before torch 1.0 name the CUDA storage classes (same data, read
+    // on the CPU like the others).
+    ("torch.cuda", "FloatStorage"),
+    ("torch.cuda", "HalfStorage"),
+    ("torch.cuda", "DoubleStorage"),
+    ("torch.cuda", "LongStorage"),
+    ("torch.cuda", "IntStorage"),
+    ("torch.cuda", "ShortStorage"),
+    ("torch.cuda", "CharStorage"),
+    ("torch.cuda", "ByteStorage"),
+    // Tensor type classes the tar layout's `tensors` table names (torch < 0.1.10).
+    ("torch", "FloatTensor"),
+    ("torch", "HalfTensor"),
+    ("torch", "DoubleTensor"),
+    ("torch", "LongTensor"),
+    ("torch", "IntTensor"),
+    ("torch", "ShortTensor"),
+    ("torch", "CharTensor"),
+    ("torch", "ByteTensor"),
     // dtypes (`_rebuild_tensor_v3` arguments, dtypes saved in configs).
     ("torch", "float32"),
     ("torch", "float"),

@@ -708,4 +708,156 @@ mod tests {
             }
         }
     }
+
+    /// Protocol 2 `(items..., <module>.<class>)`: how the tar tables name storage and
+    /// tensor classes.
+    fn meta_tuple(items: &[&str], class: &str) -> Vec<u8> {
+        let mut b = b"\x80\x02(".to_vec();
+        for it in items {
+            b.push(b'U');
+            b.push(it.len() as u8);
+            b.extend_from_slice(it.as_bytes());
+        }
+        let (module, name) = class.rsplit_once('.').unwrap();
+        b.extend_from_slice(format!("c{module}\n{name}\nt.").as_bytes());
+        b
+    }
+
+    /// A tar-layout checkpoint (torch < 0.1.10) holding one FloatStorage of 20 values
+    /// `i + 0.25`, views of it as `(key, shape, stride, offset)`, and `main` as the saved
+    /// object, referring to the views by persistent id.
+    fn tar_checkpoint(
+        main: &[u8],
+        views: &[(&str, [i64; 4], [i64; 4], i64)],
+        tensor_class: &str,
+    ) -> tempfile::NamedTempFile {
+        let mut storages = b"\x80\x02K\x01.".to_vec();
+        storages.extend(meta_tuple(&["s0", "cpu"], "torch.FloatStorage"));
+        storages.extend(20i64.to_le_bytes());
+        for i in 0..20 {
+            storages.extend((i as f32 + 0.25).to_le_bytes());
+        }
+        storages.extend(b"\x80\x02].");
+        let mut tensors = vec![0x80, 0x02, b'K', views.len() as u8, b'.'];
+        for (key, shape, stride, offset) in views {
+            tensors.extend(meta_tuple(&[key, "s0"], tensor_class));
+            tensors.extend(4i32.to_le_bytes());
+            tensors.extend([0u8; 4]);
+            for v in shape.iter().chain(stride).chain([offset]) {
+                tensors.extend(v.to_le_bytes());
+            }
+        }
+        let sys_info = b"\x80\x02}(U\x0dlittle_endian\x88u.".to_vec();
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let mut tar = tar::Builder::new(std::fs::File::create(f.path()).unwrap());
+        for (name, data) in [
+            ("sys_info", &sys_info[..]),
+            ("pickle", main),
+            ("tensors", &tensors),
+            ("storages", &storages),
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            tar.append_data(&mut h, name, data).unwrap();
+        }
+        tar.finish().unwrap();
+        f
+    }
+
+    /// `OrderedDict` of `key -> persistent id`, at protocol 2, optionally nested as
+    /// `{outer: {...}}`.
+    fn main_pickle(entries: &[(&str, &str)], outer: Option<&str>) -> Vec<u8> {
+        let mut b = b"\x80\x02".to_vec();
+        if let Some(o) = outer {
+            b.extend(b"}(U");
+            b.push(o.len() as u8);
+            b.extend(o.as_bytes());
+        }
+        b.extend(b"ccollections\nOrderedDict\n)R(");
+        for (k, pid) in entries {
+            for t in [k, pid] {
+                b.push(b'U');
+                b.push(t.len() as u8);
+                b.extend(t.as_bytes());
+            }
+            b.push(b'Q');
+        }
+        b.push(b'u');
+        if outer.is_some() {
+            b.push(b'u');
+        }
+        b.push(b'.');
+        b
+    }
+
+    const TAR_VIEWS: &[(&str, [i64; 4], [i64; 4], i64)] = &[
+        // Transposed kernel: element (r, c) is storage[3c + r].
+        ("t_head", [1, 1, 3, 3], [9, 9, 1, 3], 0),
+        // Contiguous at storage offset 2.
+        ("t_conv", [2, 1, 3, 3], [9, 9, 3, 1], 2),
+    ];
+
+    #[test]
+    fn pytorch_tar_layout_in_file_order_with_strides() {
+        // File order (head before conv) is not name order.
+        let f = tar_checkpoint(
+            &main_pickle(
+                &[("head.weight", "t_head"), ("conv.weight", "t_conv")],
+                None,
+            ),
+            TAR_VIEWS,
+            "torch.FloatTensor",
+        );
+        let cp = read(f.path()).unwrap();
+        let names: Vec<&str> = cp.convs.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["head.weight", "conv.weight"]);
+        let head: Vec<f32> = (0..9)
+            .map(|k| ((k % 3) * 3 + k / 3) as f32 + 0.25)
+            .collect();
+        let conv: Vec<f32> = (0..18).map(|k| (k + 2) as f32 + 0.25).collect();
+        assert_eq!(cp.convs[0].values, head);
+        assert_eq!(cp.convs[1].values, conv);
+    }
+
+    #[test]
+    fn pytorch_tar_nested_key_and_fallback() {
+        let entries = [("head.weight", "t_head"), ("conv.weight", "t_conv")];
+        let f = tar_checkpoint(
+            &main_pickle(&entries, Some("net")),
+            TAR_VIEWS,
+            "torch.FloatTensor",
+        );
+        let names: Vec<String> = read(f.path())
+            .unwrap()
+            .convs
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(names, ["head.weight", "conv.weight"]);
+        // No well-known key: every tensor, under its full dotted name.
+        let f = tar_checkpoint(
+            &main_pickle(&entries, Some("weights")),
+            TAR_VIEWS,
+            "torch.FloatTensor",
+        );
+        let names: Vec<String> = read(f.path())
+            .unwrap()
+            .convs
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(names, ["weights.head.weight", "weights.conv.weight"]);
+    }
+
+    #[test]
+    fn pytorch_tar_tables_are_scanned() {
+        let main = main_pickle(&[("conv.weight", "t_conv")], None);
+        let f = tar_checkpoint(&main, &TAR_VIEWS[1..], "os.system");
+        match read(f.path()) {
+            Err(ReadError::ForbiddenGlobal(g)) => assert_eq!(g, "os.system"),
+            other => panic!("expected ForbiddenGlobal, got {other:?}"),
+        }
+    }
 }

@@ -375,12 +375,21 @@ mod tests {
             8,
         ));
         assert!(d.contains("end of the data section"), "{d}");
-        // Span not matching shape x dtype, named.
-        let d = malformed_detail(&header_file(
+        // Span not matching shape x dtype: that tensor's error.
+        let f = header_file(
             r#"{"w":{"dtype":"F32","shape":[1,1,3,3],"data_offsets":[0,32]}}"#,
             32,
-        ));
-        assert!(d.contains("`w`") && d.contains("needs 36"), "{d}");
+        );
+        match read(f.path()) {
+            Err(ReadError::Tensor { tensor, detail }) => {
+                assert_eq!(tensor, "w");
+                assert!(
+                    detail.contains("byte length 32") && detail.contains("(36 bytes)"),
+                    "{detail}"
+                );
+            }
+            other => panic!("expected a tensor error, got {other:?}"),
+        }
         // A gap between tensors.
         let d = malformed_detail(&header_file(
             r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#,

@@ -414,3 +414,114 @@ fn meta_index_keys(m: &ModelRecord) -> Vec<Vec<u8>> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(id: u64, first_layer: u64, first_filter: u64, n_layers: u32) -> ModelRecord {
+        let label = crate::vocab::Label { raw: "x".into(), canonical: "x".into(), known: false };
+        ModelRecord {
+            model_id: id,
+            name: format!("m{id}"),
+            meta: NormalizedMeta {
+                training_datasets: vec![label.clone()],
+                pretraining_datasets: vec![],
+                task: label.clone(),
+                architecture: label.clone(),
+                architecture_variant: "x".into(),
+                visual_category: label,
+                source_uri: String::new(),
+                license: String::new(),
+                tags: vec!["t".into()],
+                vocabulary_version: 1,
+            },
+            format: crate::readers::Format::Safetensors,
+            depth_definition: crate::readers::DepthDefinition::WeightOrder,
+            content_sha256: format!("{id:064x}"),
+            size_bytes: 1,
+            file_name: "f".into(),
+            n_layers,
+            n_filters: 0,
+            first_layer_id: first_layer,
+            first_filter_id: first_filter,
+            kernel_shape_counts: Default::default(),
+            producer: None,
+            opset: None,
+            ingested_at_unix_ms: 0,
+            excluded_tensors: vec![],
+        }
+    }
+
+    fn count_keys(s: &Store) -> Vec<(&'static str, usize)> {
+        ALL_CFS
+            .iter()
+            .map(|cf| (*cf, s.db.iterator_cf(s.cf(cf).unwrap(), IteratorMode::Start).count()))
+            .collect()
+    }
+
+    #[test]
+    fn newer_schema_is_refused_and_unversioned_is_stamped() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            assert_eq!(s.schema_version().unwrap(), Some(migrations::CURRENT_VERSION));
+            s.db.put_cf(s.cf(CF_META).unwrap(), SCHEMA_VERSION_KEY, 99u32.to_le_bytes()).unwrap();
+        }
+        let err = Store::open(dir.path()).err().expect("newer schema must be refused").to_string();
+        assert!(err.contains("schema version 99") && err.contains(&format!("up to {}", migrations::CURRENT_VERSION)), "{err}");
+
+        // A directory from before versioning (column families, no version key) is upgraded.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.db.delete_cf(s.cf(CF_META).unwrap(), SCHEMA_VERSION_KEY).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.schema_version().unwrap(), Some(migrations::CURRENT_VERSION));
+        assert_eq!(s.load_all().unwrap().next_ids, NextIds::default());
+    }
+
+    #[test]
+    fn commit_then_delete_leaves_no_key_behind_and_pending_blocks_are_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let empty = count_keys(&s);
+        let filters: Vec<f32> = (0..9 * 5000).map(|x| x as f32).collect();
+        let mut m = model(0, 0, 0, 2);
+        m.n_filters = 10_000;
+        let l0 = LayerRecord {
+            layer_id: 0,
+            model_id: 0,
+            layer_index: 0,
+            tensor_name: "a".into(),
+            out_channels: 50,
+            in_channels: 100,
+            groups: None,
+            conv_depth: 0,
+            conv_depth_norm: 0.0,
+            first_filter_id: 0,
+            n_filters: 5000,
+        };
+        let l1 = LayerRecord { layer_id: 1, layer_index: 1, first_filter_id: 5000, ..l0.clone() };
+        let stats = LayerStats::of(&filters);
+        let rows = vec![(l0.clone(), stats.clone(), filters.as_slice()), (l1.clone(), stats, filters.as_slice())];
+        s.commit_model(&m, &rows, NextIds { model: 1, layer: 2, filter: 10_000 }, None).unwrap();
+        // Blocks split at BLOCK_FILTERS and read back across the boundary.
+        let got = s.read_layer_filters(None, &l1, 4090, 4100).unwrap();
+        assert_eq!(got, filters[4090 * 9..4100 * 9]);
+        s.delete_model(&m, &[l0, l1]).unwrap();
+        // Only next_ids changed (ids are never reused); every other key of the model is gone.
+        assert_eq!(count_keys(&s), empty);
+
+        // Blocks written ahead of a commit that never happened are removed at the next open.
+        let mut b = WriteBatch::default();
+        b.put_cf(s.cf(CF_META).unwrap(), pending_key(7), encode(&PendingIngest { first_layer_id: 40, end_layer_id: 42 }));
+        b.put_cf(s.cf(CF_FILTER_BLOCKS).unwrap(), block_key(41, 0), [0u8; 36]);
+        s.db.write(b).unwrap();
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.db.get_cf(s.cf(CF_FILTER_BLOCKS).unwrap(), block_key(41, 0)).unwrap().is_none());
+        assert!(s.db.get_cf(s.cf(CF_META).unwrap(), pending_key(7)).unwrap().is_none());
+    }
+}
