@@ -16,9 +16,6 @@ pub mod error;
 pub mod json;
 pub mod kernels;
 
-#[cfg(test)]
-mod mock_tests;
-
 use std::path::Path;
 use std::time::Duration;
 

@@ -302,7 +302,17 @@ impl Engine {
         let extracted = readers::extract(cp).map_err(|e| read_error(file, e))?;
         let n_layers = extracted.layers.len() as u32;
         progress(Phase::Statistics, 0, n_layers);
-        let stats: Vec<LayerStats> = extracted.layers.par_iter().map(|l| LayerStats::of(&l.filters)).collect();
+        let done = std::sync::atomic::AtomicU32::new(0);
+        let stats: Vec<LayerStats> = extracted
+            .layers
+            .par_iter()
+            .map(|l| {
+                let s = LayerStats::of(&l.filters);
+                let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                progress(Phase::Statistics, d, n_layers);
+                s
+            })
+            .collect();
         progress(Phase::Writing, 0, n_layers);
 
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());

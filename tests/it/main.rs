@@ -3,6 +3,7 @@
 //! onnx and safetensors (see tests/fixtures/make_fixtures.py).
 
 mod bad_inputs;
+mod cli;
 mod crash;
 mod harness;
 mod ingest;

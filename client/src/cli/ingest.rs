@@ -151,7 +151,7 @@ impl FileBar {
     fn new(prefix: String, total: u64) -> FileBar {
         let bar = ProgressBar::new(total);
         bar.set_style(style(
-            "{prefix:.bold} uploading [{bar:30.cyan/blue}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            "{prefix:.bold} uploading [{wide_bar:.cyan/blue}] {bytes}/{total_bytes} {bytes_per_sec}",
         ));
         bar.set_prefix(prefix);
         FileBar {
@@ -176,7 +176,7 @@ impl FileBar {
                         "writing"
                     };
                     self.bar.set_style(style(&format!(
-                        "{{spinner}} {{prefix:.bold}} {what} [{{bar:30.cyan/blue}}] {{pos}}/{{len}} layers"
+                        "{{spinner}} {{prefix:.bold}} {what} [{{wide_bar:.cyan/blue}}] {{pos}}/{{len}} layers"
                     )));
                     self.bar.set_position(0);
                     self.bar.enable_steady_tick(Duration::from_millis(120));

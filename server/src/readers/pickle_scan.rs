@@ -214,8 +214,14 @@ pub(crate) struct LeafPath {
 /// Deepest container nesting walked when recording key order; state dicts nest a few levels.
 const MAX_WALK_DEPTH: usize = 128;
 /// Most values visited when recording key order. Memo references can make the object graph
-/// a DAG that unfolds exponentially; a checkpoint needs a small fraction of this.
-const MAX_WALK_VISITS: usize = 4_000_000;
+/// a DAG that unfolds exponentially; a checkpoint needs a small fraction of this (the same
+/// bound `pytorch-reader` puts on memo copies).
+const MAX_WALK_VISITS: usize = 1_000_000;
+/// Most bytes of recorded leaf names: a bound on the memory a hostile unfolding can claim.
+const MAX_WALK_NAME_BYTES: usize = 64 << 20;
+/// Most container items copied by calls (`OrderedDict(items)`, `set(items)`, `BUILD` of a
+/// dict) during one scan.
+const MAX_COPIED_VALUES: usize = 4_000_000;
 
 impl Pickle {
     /// The items of a tuple or list value.
@@ -242,6 +248,7 @@ impl Pickle {
             on_path: Vec::new(),
             out: &mut out,
             budget: MAX_WALK_VISITS,
+            name_bytes: 0,
         };
         walk.visit(&self.root)?;
         Ok(out)
@@ -265,6 +272,8 @@ struct Walk<'a> {
     on_path: Vec<usize>,
     out: &'a mut HashMap<String, LeafPath>,
     budget: usize,
+    /// Bytes of leaf names recorded so far.
+    name_bytes: usize,
 }
 
 impl Walk<'_> {
@@ -335,6 +344,12 @@ impl Walk<'_> {
             return Ok(());
         };
         let name = self.path.iter().map(|s| &**s).collect::<Vec<_>>().join(".");
+        self.name_bytes = self.name_bytes.saturating_add(name.len());
+        if self.name_bytes > MAX_WALK_NAME_BYTES {
+            return Err(ScanError::Malformed(format!(
+                "the pickle's object graph names more than {MAX_WALK_NAME_BYTES} bytes of keys"
+            )));
+        }
         let order = self.out.len();
         let (components, first) = (self.path.len(), first.clone());
         self.out.entry(name).or_insert(LeafPath {
@@ -373,6 +388,7 @@ pub(crate) fn scan(data: &[u8], start: usize) -> Result<Pickle, ScanError> {
         marks: Vec::new(),
         memo: HashMap::new(),
         arena: Vec::new(),
+        copied: 0,
     };
     let root = m.run()?;
     Ok(Pickle {
@@ -392,6 +408,8 @@ struct Machine<'a> {
     marks: Vec<usize>,
     memo: HashMap<u64, Val>,
     arena: Vec<Node>,
+    /// Values copied by calls so far (see [`Machine::charge`]).
+    copied: usize,
 }
 
 impl Machine<'_> {
@@ -556,35 +574,39 @@ impl Machine<'_> {
 
     /// What a call of `callable(*args)` leaves on the stack, for the few calls whose result
     /// shapes the saved object's structure; anything else is a fresh opaque object.
-    fn reduce(&mut self, mut callable: Val, mut args: Val) -> Val {
+    fn reduce(&mut self, mut callable: Val, mut args: Val) -> Result<Val, ScanError> {
         // `_rebuild_from_type_v2(func, type, args, state)` calls `func(*args)`; a chain of
         // them is bounded so a crafted nesting cannot loop.
         for _ in 0..8 {
             let Val::Global(module, name) = &callable else {
                 break;
             };
-            let arg = |m: &Self, i: usize| m.seq(&args).and_then(|items| items.get(i).cloned());
             match (&**module, &**name) {
                 ("collections", "OrderedDict") => {
                     let mut d = Dict::default();
-                    if let Some(items) = arg(self, 0).and_then(|v| self.seq(&v)) {
-                        for pair in items {
-                            if let Some([k, v]) = self.seq(&pair).as_deref() {
-                                d.insert(dict_key(k), v.clone());
-                            }
+                    let items = match self.arg_at(&args, 0) {
+                        Some(v) => self.seq(&v)?.unwrap_or_default(),
+                        None => Vec::new(),
+                    };
+                    for pair in items {
+                        if let (Some(k), Some(v)) = (self.arg_at(&pair, 0), self.arg_at(&pair, 1)) {
+                            d.insert(dict_key(&k), v);
                         }
                     }
-                    return self.push_node(Node::Dict(d));
+                    return Ok(self.push_node(Node::Dict(d)));
                 }
                 ("builtins" | "__builtin__", "set" | "frozenset") => {
-                    let items = arg(self, 0).and_then(|v| self.seq(&v)).unwrap_or_default();
-                    return self.push_node(Node::List(items));
+                    let items = match self.arg_at(&args, 0) {
+                        Some(v) => self.seq(&v)?.unwrap_or_default(),
+                        None => Vec::new(),
+                    };
+                    return Ok(self.push_node(Node::List(items)));
                 }
                 ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => {
-                    return arg(self, 0).unwrap_or(Val::Other);
+                    return Ok(self.arg_at(&args, 0).unwrap_or(Val::Other));
                 }
                 ("torch._tensor", "_rebuild_from_type_v2") => {
-                    let (Some(f), Some(a)) = (arg(self, 0), arg(self, 2)) else {
+                    let (Some(f), Some(a)) = (self.arg_at(&args, 0), self.arg_at(&args, 2)) else {
                         break;
                     };
                     callable = f;
@@ -593,18 +615,43 @@ impl Machine<'_> {
                 _ => break,
             }
         }
-        self.push_node(Node::Object(None))
+        Ok(self.push_node(Node::Object(None)))
     }
 
-    /// The items of a tuple or list value, copied (values are cheap handles).
-    fn seq(&self, v: &Val) -> Option<Vec<Val>> {
+    /// Item `i` of a tuple or list value.
+    fn arg_at(&self, v: &Val, i: usize) -> Option<Val> {
         match v {
-            Val::Node(i) => match self.arena.get(*i)? {
-                Node::Tuple(items) | Node::List(items) => Some(items.clone()),
+            Val::Node(n) => match self.arena.get(*n)? {
+                Node::Tuple(items) | Node::List(items) => items.get(i).cloned(),
                 _ => None,
             },
             _ => None,
         }
+    }
+
+    /// Charges `n` copied values against [`MAX_COPIED_VALUES`]: a memoized container can
+    /// be passed to a copying call again and again for a few bytes each time.
+    fn charge(&mut self, n: usize) -> Result<(), ScanError> {
+        self.copied = self.copied.saturating_add(n);
+        if self.copied > MAX_COPIED_VALUES {
+            return Err(self.malformed(format!(
+                "calls copy more than {MAX_COPIED_VALUES} values (memo bomb?)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The items of a tuple or list value, copied (values are cheap handles).
+    fn seq(&mut self, v: &Val) -> Result<Option<Vec<Val>>, ScanError> {
+        let items = match v {
+            Val::Node(i) => match self.arena.get(*i) {
+                Some(Node::Tuple(items) | Node::List(items)) => items.clone(),
+                _ => return Ok(None),
+            },
+            _ => return Ok(None),
+        };
+        self.charge(items.len())?;
+        Ok(Some(items))
     }
 
     fn build(&mut self, state: Val) -> Result<(), ScanError> {
@@ -616,6 +663,9 @@ impl Machine<'_> {
             },
             _ => None,
         };
+        if let Some(m) = &merged {
+            self.charge(m.len())?;
+        }
         match self.node_mut(&target) {
             // A dict subclass (the state dict's `OrderedDict` with its `_metadata`):
             // `pytorch-reader` merges the state into the items.
@@ -906,7 +956,7 @@ impl Machine<'_> {
                 b'R' => {
                     let args = self.pop()?;
                     let callable = self.pop()?;
-                    let v = self.reduce(callable, args);
+                    let v = self.reduce(callable, args)?;
                     self.stack.push(v);
                 }
                 b'b' => {
@@ -1136,6 +1186,25 @@ mod tests {
         bomb.push(b'.');
         let p = scan(&bomb, 0).unwrap();
         assert!(matches!(p.leaf_paths(), Err(ScanError::Malformed(_))));
+    }
+
+    #[test]
+    fn pickle_repeated_copying_calls_are_bounded() {
+        // A 1000-item list memoized once, then `set(list)` called 10_000 times for 6 bytes
+        // each: 10M copied values if unbounded.
+        let mut p = b"\x80\x02c__builtin__\nset\nq\x00](".to_vec();
+        for _ in 0..1000 {
+            p.extend_from_slice(b"K\x01");
+        }
+        p.extend_from_slice(b"e\x85q\x01");
+        for _ in 0..10_000 {
+            p.extend_from_slice(b"h\x00h\x01R0");
+        }
+        p.extend_from_slice(b"N.");
+        match scan(&p, 0) {
+            Err(ScanError::Malformed(m)) => assert!(m.contains("memo bomb"), "{m}"),
+            other => panic!("expected the copy budget to stop the scan, got {other:?}"),
+        }
     }
 
     #[test]

@@ -4,8 +4,13 @@
 //! Every pickle in the file is first scanned by [`super::pickle_scan`]: a global outside
 //! [`super::pickle_scan::ALLOWED_GLOBALS`] refuses the file even though nothing is ever
 //! executed, so a checkpoint FilterDB accepts is one `torch.load(weights_only=True)` would
-//! accept too. The same scan recovers the state dict's key order, which `pytorch-reader`
-//! (a `HashMap`) does not keep and which defines layer order here.
+//! accept too.
+//!
+//! Layer order is the state dict's own order. `pytorch-reader` returns a `HashMap`, so the
+//! order is recovered from the same scan: it models the saved object's dicts and lists in
+//! insertion order (an `OrderedDict` is pickled as an empty call plus `SETITEMS` in key
+//! order) and walks them depth-first, naming every leaf exactly as `pytorch-reader` names a
+//! tensor (keys and list indices joined by `.`). Each tensor is then placed by its name.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -38,8 +43,8 @@ const MAX_PICKLE_BYTES: u64 = 100 << 20;
 
 /// Reads a `torch.save` file: every 4-D floating tensor of its state dict, in file order.
 pub fn read(path: &Path) -> Result<Checkpoint, ReadError> {
-    // The scan must come first and pass: `pytorch-reader` would accept any global. (It opens
-    // the path again; the staged file is FilterDB's own, so nothing swaps it in between.)
+    // The scan must come first and pass: `pytorch-reader` would accept any global. It opens
+    // the path again, so callers pass a staged file nobody else can replace in between.
     let order = scan_file(path)?;
     let reader = PytorchReader::new(path).map_err(open_error)?;
     let tensors = reader.into_tensors();
@@ -133,8 +138,13 @@ fn is_float(d: DType) -> bool {
 /// One conv weight; values are read (strides and offsets resolved by `pytorch-reader`)
 /// only for 3x3 kernels, the only ones stored.
 fn conv_weight(name: String, t: &Tensor) -> Result<ConvWeight, ReadError> {
-    let s = t.shape();
-    let shape = [s[0], s[1], s[2], s[3]];
+    let &[o, i, kh, kw] = t.shape() else {
+        return Err(ReadError::Tensor {
+            tensor: name,
+            detail: format!("shape {:?} is not 4-D", t.shape()),
+        });
+    };
+    let shape = [o, i, kh, kw];
     let values = if shape[2] == 3 && shape[3] == 3 {
         let bytes = t.read().map_err(|e| tensor_read_error(&name, e))?;
         decode(&name, t.dtype(), &bytes, t.num_elements())?

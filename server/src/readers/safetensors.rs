@@ -31,8 +31,13 @@ pub fn read(path: &Path) -> Result<Checkpoint, ReadError> {
     let convs = convs
         .into_iter()
         .map(|(name, t)| {
-            let s = t.shape();
-            let shape = [s[0], s[1], s[2], s[3]];
+            let &[o, i, kh, kw] = t.shape() else {
+                return Err(ReadError::Tensor {
+                    tensor: name.to_string(),
+                    detail: format!("shape {:?} is not 4-D", t.shape()),
+                });
+            };
+            let shape = [o, i, kh, kw];
             let values = if shape[2] == 3 && shape[3] == 3 {
                 decode(name, t.dtype(), t.data())?
             } else {
