@@ -170,11 +170,12 @@ pub struct CensusRow {
 
 /// The engine.
 pub struct Engine {
-    store: Store,
+    pub(crate) store: Store,
     catalog: RwLock<Catalog>,
-    write_lock: Mutex<()>,
+    pub(crate) write_lock: Mutex<()>,
     vocab: Vocabularies,
     staging: PathBuf,
+    basis: RwLock<Option<crate::analytics::PinnedState>>,
 }
 
 const MAX_NAME_LEN: usize = 256;
@@ -186,6 +187,10 @@ impl Engine {
             .map_err(|e| EngineError::FailedPrecondition(format!("cannot create {}: {e}", data_dir.display())))?;
         let store = Store::open(&data_dir.join("db"))?;
         let catalog = Catalog::from_loaded(store.load_all()?);
+        let basis = store.load_current_basis()?.map(|(record, hists)| crate::analytics::PinnedState {
+            record: Arc::new(record),
+            hists: hists.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+        });
         let staging = data_dir.join("staging");
         // Staged uploads of a previous run were never acknowledged: drop them.
         let _ = std::fs::remove_dir_all(&staging);
@@ -198,6 +203,7 @@ impl Engine {
             write_lock: Mutex::new(()),
             vocab: Vocabularies::builtin(),
             staging,
+            basis: RwLock::new(basis),
         })
     }
 
@@ -216,7 +222,15 @@ impl Engine {
         &self.vocab
     }
 
-    fn read_catalog(&self) -> std::sync::RwLockReadGuard<'_, Catalog> {
+    pub(crate) fn read_basis(&self) -> std::sync::RwLockReadGuard<'_, Option<crate::analytics::PinnedState>> {
+        self.basis.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn write_basis(&self) -> std::sync::RwLockWriteGuard<'_, Option<crate::analytics::PinnedState>> {
+        self.basis.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn read_catalog(&self) -> std::sync::RwLockReadGuard<'_, Catalog> {
         // A panic while holding the lock cannot leave the catalogue half-updated (updates are
         // single assignments after the store commit), so a poisoned lock is still usable.
         self.catalog.read().unwrap_or_else(|p| p.into_inner())
@@ -292,7 +306,7 @@ impl Engine {
         req: &IngestRequest,
         progress: &(dyn Fn(Phase, u32, u32) + Sync),
     ) -> Result<(IngestOutcome, Arc<ModelRecord>)> {
-        let meta = self.normalize_meta(&req.meta)?;
+        self.normalize_meta(&req.meta)?;
         if let Some(m) = self.precheck(req)? {
             return Ok((IngestOutcome::Unchanged, m));
         }
@@ -300,6 +314,21 @@ impl Engine {
         let file = &req.file_name;
         let cp = readers::read_checkpoint(staged, req.format).map_err(|e| read_error(file, e))?;
         let extracted = readers::extract(cp).map_err(|e| read_error(file, e))?;
+        self.ingest_extracted(extracted, req, progress)
+    }
+
+    /// Stores layers already extracted (by a reader, a bulk importer or a generator):
+    /// statistics, histograms and one atomic commit. `req.sha256` identifies the content.
+    pub fn ingest_extracted(
+        &self,
+        extracted: readers::ExtractedModel,
+        req: &IngestRequest,
+        progress: &(dyn Fn(Phase, u32, u32) + Sync),
+    ) -> Result<(IngestOutcome, Arc<ModelRecord>)> {
+        let meta = self.normalize_meta(&req.meta)?;
+        if let Some(m) = self.precheck(req)? {
+            return Ok((IngestOutcome::Unchanged, m));
+        }
         let n_layers = extracted.layers.len() as u32;
         progress(Phase::Statistics, 0, n_layers);
         let done = std::sync::atomic::AtomicU32::new(0);
@@ -307,7 +336,7 @@ impl Engine {
             .layers
             .par_iter()
             .map(|l| {
-                let s = LayerStats::of(&l.filters);
+                let s = LayerStats::compute(&l.filters, l.out_channels, l.in_channels);
                 let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 progress(Phase::Statistics, d, n_layers);
                 s
@@ -375,7 +404,28 @@ impl Engine {
             .zip(&extracted.layers)
             .map(|((r, s), l)| (r.clone(), s.clone(), l.filters.as_slice()))
             .collect();
-        self.store.commit_model(&model, &rows, next_ids, replaces.as_ref().map(|(m, l)| (m.as_ref(), l.as_slice())))?;
+        // Histograms in the pinned basis are written with the model (the basis cannot change
+        // meanwhile: pinning holds the write lock too).
+        let hist_input: Vec<(u64, &[f32])> =
+            records.iter().zip(&extracted.layers).map(|(r, l)| (r.layer_id, l.filters.as_slice())).collect();
+        let hists = self.histograms_for(&hist_input);
+        let hist_rows: Vec<(u32, u64, crate::store::records::LayerHistogram)> = match &hists {
+            Some((v, hs)) => hs.iter().map(|(id, h)| (*v, *id, h.clone())).collect(),
+            None => Vec::new(),
+        };
+        self.store.commit_model(
+            &model,
+            &rows,
+            next_ids,
+            replaces.as_ref().map(|(m, l)| (m.as_ref(), l.as_slice())),
+            &hist_rows,
+        )?;
+        if let Some((v, hs)) = hists {
+            self.remember_histograms(v, hs);
+        }
+        if let Some((_, old_layers)) = &replaces {
+            self.forget_histograms(old_layers.iter().map(|l| l.layer_id));
+        }
         let cat_layers =
             records.into_iter().zip(stats).map(|(record, stats)| CatalogLayer { record, stats }).collect();
         let mut c = self.write_catalog();
@@ -619,6 +669,7 @@ impl Engine {
         };
         self.store.delete_model(&m, &layers)?;
         self.write_catalog().remove(m.model_id);
+        self.forget_histograms(layers.iter().map(|l| l.layer_id));
         tracing::info!(model = %m.name, id = m.model_id, "deleted");
         Ok(m)
     }
@@ -705,7 +756,7 @@ fn read_error(file: &str, e: ReadError) -> EngineError {
     }
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -5,9 +5,11 @@
 //! checkpoint files into layers of 3x3 filters; `stats`, `selection` and `vocab` hold the
 //! formulas, predicates and label vocabularies every layer shares.
 
+pub mod analytics;
 pub mod api;
 pub mod catalog;
 pub mod engine;
+pub mod quality;
 pub mod readers;
 pub mod selection;
 pub mod server;

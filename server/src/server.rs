@@ -48,11 +48,17 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
+    let analytics = pb::analytics_server::AnalyticsServer::new(crate::api::analytics::AnalyticsService::new(engine.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    health_reporter.set_serving::<pb::analytics_server::AnalyticsServer<crate::api::analytics::AnalyticsService>>().await;
+
     let reporter = health_reporter.clone();
     let shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: health NOT_SERVING, finishing in-flight calls");
         reporter.set_not_serving::<pb::filter_db_server::FilterDbServer<FilterDbService>>().await;
+        reporter.set_not_serving::<pb::analytics_server::AnalyticsServer<crate::api::analytics::AnalyticsService>>().await;
         reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     };
     tracing::info!(%addr, "FilterDB listening");
@@ -61,6 +67,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
+        .add_service(analytics)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     let e = engine.clone();

@@ -1,6 +1,7 @@
 //! The tonic service for `filterdb.v1.FilterDb`: converts proto ↔ domain, runs engine calls off
 //! the async runtime, and streams large results in bounded batches.
 
+pub mod analytics;
 pub mod convert;
 
 use std::io::Write;
@@ -48,9 +49,9 @@ impl FilterDbService {
     }
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
     tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker failed: {e}")))?
 }
 

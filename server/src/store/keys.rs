@@ -16,6 +16,8 @@
 //! | `filter_blocks`  | layer_id, block index (u32)           | ≤ [`BLOCK_FILTERS`] filters, 9 f32 LE each |
 //! | `filter_index`   | first filter_id of a layer            | layer_id                            |
 //! | `meta_index`     | field tag (u8), canonical key, 0x00, model_id | empty                       |
+//! | `bases`          | basis version (u32)                   | JSON `BasisRecord` (pinned reference bases) |
+//! | `layer_histograms` | basis version (u32), layer_id       | JSON `LayerHistogram` (9 × bins counts) |
 //!
 //! A layer's filters are stored contiguously in blocks of [`BLOCK_FILTERS`]; filter `k` of the
 //! layer is in block `k / BLOCK_FILTERS` at offset `(k % BLOCK_FILTERS) * 36` bytes.
@@ -39,6 +41,11 @@ pub const CF_FILTER_INDEX: &str = "filter_index";
 /// Meta-value → model index.
 pub const CF_META_INDEX: &str = "meta_index";
 
+/// Pinned reference bases by version.
+pub const CF_BASES: &str = "bases";
+/// Per-layer coefficient histograms by (basis version, layer).
+pub const CF_LAYER_HISTOGRAMS: &str = "layer_histograms";
+
 /// All column families of schema version 1.
 pub const ALL_CFS: &[&str] = &[
     CF_META,
@@ -50,7 +57,25 @@ pub const ALL_CFS: &[&str] = &[
     CF_FILTER_BLOCKS,
     CF_FILTER_INDEX,
     CF_META_INDEX,
+    CF_BASES,
+    CF_LAYER_HISTOGRAMS,
 ];
+
+/// `meta` key naming the basis version answers use.
+pub const CURRENT_BASIS_KEY: &[u8] = b"current_basis";
+
+/// Key of a basis record.
+pub fn basis_key(version: u32) -> [u8; 4] {
+    version.to_be_bytes()
+}
+
+/// Key of a layer's histogram under a basis version.
+pub fn histogram_key(version: u32, layer_id: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&version.to_be_bytes());
+    k[4..].copy_from_slice(&layer_id.to_be_bytes());
+    k
+}
 
 /// `meta` key holding the schema version.
 pub const SCHEMA_VERSION_KEY: &[u8] = b"schema_version";

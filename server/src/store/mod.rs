@@ -215,6 +215,7 @@ impl Store {
         layers: &[(LayerRecord, LayerStats, &[f32])],
         next_ids: NextIds,
         replaces: Option<(&ModelRecord, &[LayerRecord])>,
+        histograms: &[(u32, u64, LayerHistogram)],
     ) -> Result<()> {
         const AHEAD_BYTES: usize = 64 << 20;
         let blocks_cf = self.cf(CF_FILTER_BLOCKS)?;
@@ -266,6 +267,9 @@ impl Store {
         for k in meta_index_keys(model) {
             batch.put_cf(self.cf(CF_META_INDEX)?, k, b"");
         }
+        for (version, layer_id, h) in histograms {
+            batch.put_cf(self.cf(CF_LAYER_HISTOGRAMS)?, histogram_key(*version, *layer_id), encode(h));
+        }
         batch.put_cf(self.cf(CF_META)?, NEXT_IDS_KEY, encode(&next_ids));
         if ahead {
             batch.delete_cf(self.cf(CF_META)?, &pending);
@@ -290,7 +294,100 @@ impl Store {
         for k in meta_index_keys(model) {
             batch.delete_cf(self.cf(CF_META_INDEX)?, k);
         }
+        for version in self.basis_versions()? {
+            batch.delete_range_cf(
+                self.cf(CF_LAYER_HISTOGRAMS)?,
+                histogram_key(version, model.first_layer_id),
+                histogram_key(version, end),
+            );
+        }
         Ok(())
+    }
+
+    /// Versions of every stored basis record.
+    pub fn basis_versions(&self) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_BASES)?, IteratorMode::Start) {
+            let (k, _) = item?;
+            if let Ok(b) = <[u8; 4]>::try_from(&k[..]) {
+                out.push(u32::from_be_bytes(b));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes (or overwrites) a basis record.
+    pub fn put_basis(&self, b: &BasisRecord) -> Result<()> {
+        self.db.put_cf_opt(self.cf(CF_BASES)?, basis_key(b.version), encode(b), &sync_write())?;
+        Ok(())
+    }
+
+    /// Writes a batch of layer histograms of one basis version.
+    pub fn put_histograms(&self, version: u32, rows: &[(u64, LayerHistogram)]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        for (layer_id, h) in rows {
+            batch.put_cf(self.cf(CF_LAYER_HISTOGRAMS)?, histogram_key(version, *layer_id), encode(h));
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Marks a basis ready and makes it the one answers use, atomically; older versions and
+    /// their histograms are removed.
+    pub fn make_current_basis(&self, b: &BasisRecord) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        for v in self.basis_versions()? {
+            if v != b.version {
+                batch.delete_cf(self.cf(CF_BASES)?, basis_key(v));
+                batch.delete_range_cf(self.cf(CF_LAYER_HISTOGRAMS)?, histogram_key(v, 0), histogram_key(v + 1, 0));
+            }
+        }
+        batch.put_cf(self.cf(CF_BASES)?, basis_key(b.version), encode(b));
+        batch.put_cf(self.cf(CF_META)?, CURRENT_BASIS_KEY, b.version.to_le_bytes());
+        self.db.write_opt(batch, &sync_write())?;
+        Ok(())
+    }
+
+    /// Removes an unfinished basis version (a pinning that failed or was interrupted).
+    pub fn drop_basis(&self, version: u32) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_BASES)?, basis_key(version));
+        batch.delete_range_cf(self.cf(CF_LAYER_HISTOGRAMS)?, histogram_key(version, 0), histogram_key(version + 1, 0));
+        self.db.write_opt(batch, &sync_write())?;
+        Ok(())
+    }
+
+    /// The current basis and all its layer histograms, if a basis was pinned. Unfinished
+    /// versions (a crash during pinning) are removed.
+    pub fn load_current_basis(&self) -> Result<Option<(BasisRecord, std::collections::HashMap<u64, LayerHistogram>)>> {
+        let current = match self.db.get_cf(self.cf(CF_META)?, CURRENT_BASIS_KEY)? {
+            Some(v) => Some(u32::from_le_bytes(v.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                cf: CF_META,
+                detail: "current_basis is not 4 bytes".into(),
+            })?)),
+            None => None,
+        };
+        for v in self.basis_versions()? {
+            if Some(v) != current {
+                self.drop_basis(v)?;
+            }
+        }
+        let Some(version) = current else { return Ok(None) };
+        let Some(raw) = self.db.get_cf(self.cf(CF_BASES)?, basis_key(version))? else {
+            return Err(StoreError::Corrupt { cf: CF_BASES, detail: format!("current basis {version} missing") });
+        };
+        let record: BasisRecord = decode(CF_BASES, &raw)?;
+        let mut hists = std::collections::HashMap::new();
+        let from = histogram_key(version, 0);
+        for item in self.db.iterator_cf(self.cf(CF_LAYER_HISTOGRAMS)?, IteratorMode::From(&from, Direction::Forward)) {
+            let (k, v) = item?;
+            if k.len() != 12 || k[..4] != version.to_be_bytes() {
+                break;
+            }
+            let layer = decode_id(&k[4..]).unwrap_or(0);
+            hists.insert(layer, decode::<LayerHistogram>(CF_LAYER_HISTOGRAMS, &v)?);
+        }
+        Ok(Some((record, hists)))
     }
 
     /// Deletes a model with all its layers, blocks, statistics and index entries, atomically.
@@ -506,7 +603,7 @@ mod tests {
         let l1 = LayerRecord { layer_id: 1, layer_index: 1, first_filter_id: 5000, ..l0.clone() };
         let stats = LayerStats::of(&filters);
         let rows = vec![(l0.clone(), stats.clone(), filters.as_slice()), (l1.clone(), stats, filters.as_slice())];
-        s.commit_model(&m, &rows, NextIds { model: 1, layer: 2, filter: 10_000 }, None).unwrap();
+        s.commit_model(&m, &rows, NextIds { model: 1, layer: 2, filter: 10_000 }, None, &[]).unwrap();
         // Blocks split at BLOCK_FILTERS and read back across the boundary.
         let got = s.read_layer_filters(None, &l1, 4090, 4100).unwrap();
         assert_eq!(got, filters[4090 * 9..4100 * 9]);

@@ -127,3 +127,42 @@ pub struct StoredLayer {
     /// Statistics.
     pub stats: LayerStats,
 }
+
+/// A pinned reference basis: the PCA of the scaled filters of a selection, with the global
+/// coefficient range and bin count its histograms use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BasisRecord {
+    /// Version (1, 2, ...).
+    pub version: u32,
+    /// Selection text it was fitted on ("" = all filters).
+    pub selection_expr: String,
+    /// Filters it was fitted on.
+    pub n: u64,
+    /// Mean scaled filter.
+    pub mean: Vec<f64>,
+    /// 9 eigenfilters, row-major (component k = values 9k..9k+9).
+    pub components: Vec<f64>,
+    /// Eigenvalues, descending.
+    pub eigenvalues: Vec<f64>,
+    /// Explained-variance ratios.
+    pub evr: Vec<f64>,
+    /// Global coefficient range at pinning time.
+    pub range_min: f64,
+    /// Upper end of the range.
+    pub range_max: f64,
+    /// Bins per component.
+    pub bins: u32,
+    /// Creation time (Unix ms).
+    pub created_at_unix_ms: i64,
+    /// True once every layer's histogram is written.
+    pub ready: bool,
+}
+
+/// Coefficient histograms of one layer's scaled filters in a pinned basis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerHistogram {
+    /// 9 × bins counts, component-major.
+    pub counts: Vec<u32>,
+    /// Per component: coefficients outside the basis range.
+    pub out_of_range: Vec<u64>,
+}
