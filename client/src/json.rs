@@ -4,8 +4,12 @@
 //! objects with sorted keys so output is stable; 64-bit ids stay exact JSON integers.
 
 use filterdb_proto::{
-    CensusGroup, CensusResponse, DepthDefinition, FilterBatch, Format, IngestOutcome, IngestPhase,
-    IngestProgress, IngestResult, Label, Layer, LayerStats, Model, NormalizedMeta, Vocabularies,
+    BasisResponse, CensusGroup, CensusResponse, CompareBasesResponse, DegenerationRankingResponse,
+    Density2DResponse, DepthDefinition, DepthProfileResponse, DistributionsResponse,
+    DriftMatrixResponse, DriftWeights, FilterBasis, FilterBatch, Format, IngestOutcome,
+    IngestPhase, IngestProgress, IngestResult, Label, Layer, LayerQualityResponse, LayerQualityRow,
+    LayerStats, Model, ModelDegeneration, NormalizedMeta, PinBasisProgress, PinnedBasis,
+    QualityMetric, Vocabularies,
 };
 use serde_json::{Map, Value, json};
 
@@ -229,6 +233,232 @@ pub fn filters_to_json(batches: &[FilterBatch]) -> Result<Value, ClientError> {
     Ok(Value::Array(out))
 }
 
+/// An f64, `null` when not finite (JSON has no NaN; quality metrics use NaN for "undefined").
+pub fn f64_to_json(x: f64) -> Value {
+    if x.is_finite() {
+        Value::from(x)
+    } else {
+        Value::Null
+    }
+}
+
+fn f64s(xs: &[f64]) -> Value {
+    Value::Array(xs.iter().map(|x| f64_to_json(*x)).collect())
+}
+
+/// The lower-case name of a [`DriftWeights`] value.
+pub fn drift_weights_name(v: i32) -> &'static str {
+    match DriftWeights::try_from(v) {
+        Ok(DriftWeights::Evr) | Ok(DriftWeights::Unspecified) => "evr",
+        Ok(DriftWeights::Uniform) => "uniform",
+        Ok(DriftWeights::Custom) => "custom",
+        Err(_) => "unknown",
+    }
+}
+
+/// The lower-case name of a [`QualityMetric`] value, as `filterdb depth-profile --metric` takes it.
+pub fn quality_metric_name(v: i32) -> &'static str {
+    match QualityMetric::try_from(v) {
+        Ok(QualityMetric::Sparsity) | Ok(QualityMetric::Unspecified) => "sparsity",
+        Ok(QualityMetric::Entropy) => "entropy",
+        Ok(QualityMetric::EntropyNorm) => "entropy-norm",
+        Ok(QualityMetric::Orthogonality) => "orthogonality",
+        Err(_) => "unknown",
+    }
+}
+
+/// A PCA basis; `components` stays flat (81 values, component k at `[9k, 9k + 9)`) as in the proto.
+pub fn filter_basis_to_json(b: &FilterBasis) -> Value {
+    json!({
+        "n": b.n,
+        "mean": f64s(&b.mean),
+        "components": f64s(&b.components),
+        "eigenvalues": f64s(&b.eigenvalues),
+        "evr": f64s(&b.evr),
+        "cumulative_evr": f64s(&b.cumulative_evr),
+    })
+}
+
+fn opt_basis(b: Option<&FilterBasis>) -> Value {
+    b.map(filter_basis_to_json).unwrap_or(Value::Null)
+}
+
+/// A `Basis` answer: the whole selection's basis and one per group.
+pub fn basis_response_to_json(r: &BasisResponse) -> Value {
+    json!({
+        "basis": opt_basis(r.basis.as_ref()),
+        "groups": r.groups.iter().map(|g| json!({
+            "key": g.key,
+            "basis": opt_basis(g.basis.as_ref()),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// One `PinBasis` progress message.
+pub fn pin_progress_to_json(p: &PinBasisProgress) -> Value {
+    json!({
+        "version": p.version,
+        "phase": p.phase,
+        "layers_done": p.layers_done,
+        "layers_total": p.layers_total,
+    })
+}
+
+/// The pinned reference basis.
+pub fn pinned_basis_to_json(p: &PinnedBasis) -> Value {
+    json!({
+        "version": p.version,
+        "basis": opt_basis(p.basis.as_ref()),
+        "selection_expr": p.selection_expr,
+        "range_min": f64_to_json(p.range_min),
+        "range_max": f64_to_json(p.range_max),
+        "bins": p.bins,
+        "created_at_unix_ms": p.created_at_unix_ms,
+    })
+}
+
+/// A `CompareBases` answer; `abs_cos` stays flat (81 values, row = component of a).
+pub fn compare_bases_to_json(r: &CompareBasesResponse) -> Value {
+    json!({
+        "a": opt_basis(r.a.as_ref()),
+        "b": opt_basis(r.b.as_ref()),
+        "abs_cos": f64s(&r.abs_cos),
+        "matching": r.matching.iter().map(|m| json!({
+            "a": m.a, "b": m.b, "abs_cos": f64_to_json(m.abs_cos),
+        })).collect::<Vec<_>>(),
+        "principal_angles_deg": f64s(&r.principal_angles_deg),
+        "evr_diff": f64s(&r.evr_diff),
+    })
+}
+
+/// A `Distributions` answer: per group, 9 histograms over `[range_min, range_max]`.
+pub fn distributions_to_json(r: &DistributionsResponse) -> Value {
+    json!({
+        "basis_version": r.basis_version,
+        "range_min": f64_to_json(r.range_min),
+        "range_max": f64_to_json(r.range_max),
+        "bins": r.bins,
+        "groups": r.groups.iter().map(|g| json!({
+            "key": g.key,
+            "n_filters": g.n_filters,
+            "components": g.components.iter().map(|c| json!({
+                "counts": c.counts,
+                "out_of_range": c.out_of_range,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Names of the `upper_triangle_summary` values, in order.
+pub const SUMMARY_NAMES: [&str; 6] = ["min", "q1", "median", "q3", "max", "mean"];
+
+/// A `DriftMatrix` answer; `d` and `per_component` stay flat as in the proto, the upper-triangle
+/// summary becomes an object `{min, q1, median, q3, max, mean}`.
+pub fn drift_matrix_to_json(r: &DriftMatrixResponse) -> Value {
+    let summary: Map<String, Value> = SUMMARY_NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let v = r.upper_triangle_summary.get(i).copied().unwrap_or(f64::NAN);
+            (n.to_string(), f64_to_json(v))
+        })
+        .collect();
+    json!({
+        "basis_version": r.basis_version,
+        "keys": r.keys,
+        "n_filters": r.n_filters,
+        "d": f64s(&r.d),
+        "per_component": f64s(&r.per_component),
+        "weights": f64s(&r.weights),
+        "upper_triangle_summary": summary,
+    })
+}
+
+/// One layer's quality metrics; undefined (NaN) metrics are `null`.
+pub fn layer_quality_row_to_json(r: &LayerQualityRow) -> Value {
+    json!({
+        "layer_id": r.layer_id,
+        "model_id": r.model_id,
+        "model": r.model,
+        "layer_index": r.layer_index,
+        "tensor_name": r.tensor_name,
+        "conv_depth": r.conv_depth,
+        "conv_depth_norm": f64_to_json(r.conv_depth_norm),
+        "n": r.n,
+        "sparsity": f64_to_json(r.sparsity),
+        "entropy": f64_to_json(r.entropy),
+        "entropy_norm": f64_to_json(r.entropy_norm),
+        "entropy_clean": f64_to_json(r.entropy_clean),
+        "entropy_clean_norm": f64_to_json(r.entropy_clean_norm),
+        "orthogonality": f64_to_json(r.orthogonality),
+        "random_like": r.random_like,
+        "low_diversity": r.low_diversity,
+        "sparse_heavy": r.sparse_heavy,
+        "degenerate": r.degenerate,
+    })
+}
+
+/// A `LayerQuality` answer.
+pub fn layer_quality_to_json(r: &LayerQualityResponse) -> Value {
+    json!({ "layers": r.layers.iter().map(layer_quality_row_to_json).collect::<Vec<_>>() })
+}
+
+/// One model of a degeneration ranking.
+pub fn model_degeneration_to_json(m: &ModelDegeneration) -> Value {
+    json!({
+        "model_id": m.model_id,
+        "model": m.model,
+        "layers": m.layers,
+        "degenerate_layers": m.degenerate_layers,
+        "degenerate_share": f64_to_json(m.degenerate_share),
+        "mean_sparsity": f64_to_json(m.mean_sparsity),
+        "mean_entropy": f64_to_json(m.mean_entropy),
+        "degenerate_depths": m.degenerate_depths,
+    })
+}
+
+/// A `DegenerationRanking` answer, best-ranked (most degenerate) first.
+pub fn degeneration_ranking_to_json(r: &DegenerationRankingResponse) -> Value {
+    json!({ "models": r.models.iter().map(model_degeneration_to_json).collect::<Vec<_>>() })
+}
+
+/// A `DepthProfile` answer: the bins and one cell per (model, bin) with data.
+pub fn depth_profile_to_json(r: &DepthProfileResponse) -> Value {
+    json!({
+        "bins": r.bins,
+        "cells": r.cells.iter().map(|c| json!({
+            "model": c.model,
+            "bin": c.bin,
+            "value": f64_to_json(c.value),
+            "layers": c.layers,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A `Density2D` answer with the density as `side` rows of `side` values (row = component i
+/// bin, column = component j bin); a length that is not a square stays one flat row.
+pub fn density_2d_to_json(r: &Density2DResponse) -> Value {
+    let side = (r.density.len() as f64).sqrt().round() as usize;
+    let density = if side > 0 && side * side == r.density.len() {
+        Value::Array(
+            r.density
+                .chunks_exact(side)
+                .map(|row| Value::Array(row.iter().map(|v| f32_to_json(*v)).collect()))
+                .collect(),
+        )
+    } else {
+        Value::Array(vec![Value::Array(
+            r.density.iter().map(|v| f32_to_json(*v)).collect(),
+        )])
+    };
+    json!({
+        "basis_version": r.basis_version,
+        "n_filters": r.n_filters,
+        "side": side,
+        "density": density,
+    })
+}
+
 /// A gRPC error as `{code, message}` with the upper-case code name.
 pub fn status_to_json(s: &tonic::Status) -> Value {
     json!({ "code": code_name(s.code()), "message": s.message() })
@@ -328,6 +558,74 @@ mod tests {
             let back = f32_to_json(x).as_f64().unwrap() as f32;
             assert_eq!(back.to_bits(), x.to_bits());
         }
+    }
+
+    #[test]
+    fn analytics_mappings() {
+        let basis = FilterBasis {
+            n: 10,
+            mean: vec![0.0; 9],
+            components: (0..81).map(|i| i as f64).collect(),
+            eigenvalues: vec![1.0; 9],
+            evr: vec![0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            cumulative_evr: vec![0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        };
+        let v = basis_response_to_json(&BasisResponse {
+            basis: Some(basis.clone()),
+            groups: vec![filterdb_proto::GroupBasis {
+                key: "Classification".into(),
+                basis: None,
+            }],
+        });
+        assert_eq!(v["basis"]["components"][80], 80.0);
+        assert_eq!(v["groups"][0]["key"], "Classification");
+        assert_eq!(v["groups"][0]["basis"], Value::Null);
+
+        let d = drift_matrix_to_json(&DriftMatrixResponse {
+            basis_version: 2,
+            keys: vec!["a".into(), "b".into()],
+            n_filters: vec![5, 6],
+            d: vec![0.0, 1.5, 1.5, 0.0],
+            per_component: vec![],
+            weights: vec![1.0 / 9.0; 9],
+            upper_triangle_summary: vec![1.5, 1.5, 1.5, 1.5, 1.5, 1.5],
+        });
+        assert_eq!(d["upper_triangle_summary"]["median"], 1.5);
+        assert_eq!(d["keys"][1], "b");
+
+        let q = layer_quality_to_json(&LayerQualityResponse {
+            layers: vec![LayerQualityRow {
+                model: "m".into(),
+                entropy_clean: f64::NAN,
+                orthogonality: f64::NAN,
+                sparsity: 0.25,
+                degenerate: true,
+                ..Default::default()
+            }],
+        });
+        assert_eq!(q["layers"][0]["entropy_clean"], Value::Null);
+        assert_eq!(q["layers"][0]["sparsity"], 0.25);
+        assert_eq!(q["layers"][0]["degenerate"], true);
+
+        let dens = density_2d_to_json(&Density2DResponse {
+            basis_version: 1,
+            density: vec![0.0, 0.5, 1.0, 0.25],
+            n_filters: 3,
+        });
+        assert_eq!(dens["side"], 2);
+        assert_eq!(dens["density"][1][0], 1.0);
+
+        assert_eq!(drift_weights_name(DriftWeights::Unspecified as i32), "evr");
+        assert_eq!(drift_weights_name(DriftWeights::Uniform as i32), "uniform");
+        assert_eq!(quality_metric_name(QualityMetric::EntropyNorm as i32), "entropy-norm");
+        assert_eq!(f64_to_json(f64::INFINITY), Value::Null);
+        let p = pin_progress_to_json(&PinBasisProgress {
+            version: 3,
+            phase: "histograms".into(),
+            layers_done: 1,
+            layers_total: 4,
+        });
+        assert_eq!(p, json!({"version": 3, "phase": "histograms", "layers_done": 1, "layers_total": 4}));
     }
 
     #[test]

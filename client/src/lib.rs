@@ -15,6 +15,7 @@
 pub mod error;
 pub mod json;
 pub mod kernels;
+pub mod plot;
 
 use std::path::Path;
 use std::time::Duration;
@@ -23,13 +24,14 @@ pub use error::{ClientError, chain, code_name};
 pub use filterdb_proto as proto;
 pub use kernels::{KERNEL_BYTES, batch_kernels, batches_kernels, decode_kernels, encode_kernels};
 
+use filterdb_proto::analytics_client::AnalyticsClient;
 use filterdb_proto::filter_db_client::FilterDbClient;
 use filterdb_proto::{
     CensusRequest, CensusResponse, DeleteModelRequest, Field, FilterBatch, FilterIdRange,
     GetFiltersRequest, GetModelRequest, GetVocabulariesRequest, IngestHeader, IngestPhase,
     IngestProgress, IngestRequest, IngestResponse, IngestResult, ListLayersRequest,
-    ListLayersResponse, ListModelsRequest, MetaUpdate, Model, ModelFilters, ModelRef, Selection,
-    UpdateModelMetaRequest, Vocabularies, get_filters_request, ingest_request, ingest_response,
+    ListLayersResponse, ListModelsRequest, MetaUpdate, Model, ModelFilters, ModelRef,
+    PinBasisProgress, PinBasisRequest, Selection, UpdateModelMetaRequest, Vocabularies, get_filters_request, ingest_request, ingest_response,
     model_ref,
 };
 use futures::Stream;
@@ -53,6 +55,7 @@ const LIST_PAGE_SIZE: u32 = 1000;
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: FilterDbClient<Channel>,
+    analytics: AnalyticsClient<Channel>,
     url: String,
 }
 
@@ -89,11 +92,15 @@ impl Client {
 
     /// Wraps an existing channel (e.g. one built with custom TLS or timeouts).
     pub fn from_channel(channel: Channel, url: impl Into<String>) -> Client {
+        let analytics = AnalyticsClient::new(channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let inner = FilterDbClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Client {
             inner,
+            analytics,
             url: url.into(),
         }
     }
@@ -106,6 +113,38 @@ impl Client {
     /// The generated stub, for calls this wrapper does not cover.
     pub fn raw(&mut self) -> &mut FilterDbClient<Channel> {
         &mut self.inner
+    }
+
+    /// The generated stub of the `Analytics` service (bases, distributions, drift, quality) on
+    /// the same connection; its unary calls need no wrapping.
+    pub fn analytics(&mut self) -> &mut AnalyticsClient<Channel> {
+        &mut self.analytics
+    }
+
+    /// Pins a new reference basis and waits until it is complete, passing every progress
+    /// message (phases `fit`, `range`, `histograms`) to `on_progress`; returns the final
+    /// message (phase `done`, carrying the new version).
+    pub async fn pin_basis(
+        &mut self,
+        request: PinBasisRequest,
+        mut on_progress: impl FnMut(&PinBasisProgress),
+    ) -> Result<PinBasisProgress, ClientError> {
+        let mut stream = self.analytics.pin_basis(request).await?.into_inner();
+        let mut last: Option<PinBasisProgress> = None;
+        while let Some(p) = stream.message().await? {
+            on_progress(&p);
+            if p.phase == "done" {
+                return Ok(p);
+            }
+            last = Some(p);
+        }
+        Err(ClientError::Protocol(match last {
+            Some(p) => format!(
+                "the server ended the pin-basis stream in phase `{}` without `done`",
+                p.phase
+            ),
+            None => "the server ended the pin-basis stream without any message".into(),
+        }))
     }
 
     /// Uploads a checkpoint file and waits for the stored model.

@@ -677,3 +677,97 @@ fn summary(sorted: &[f64]) -> Vec<f64> {
     let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
     vec![sorted[0], q(0.25), q(0.5), q(0.75), sorted[sorted.len() - 1], mean]
 }
+
+/// What `profile_checkpoint` answers.
+#[derive(Debug)]
+pub struct Profile {
+    /// Basis version used.
+    pub basis_version: u32,
+    /// Per-layer (tensor name, layer index, depth, depth norm, quality).
+    pub layers: Vec<(crate::readers::ExtractedLayer, LayerQuality)>,
+    /// The checkpoint's histograms.
+    pub histogram: GroupHistogram,
+    /// (group key, D, S_i, group filters), ascending D.
+    pub drift: Vec<(String, f64, Vec<f64>, u64)>,
+    /// Share of layers flagged degenerate.
+    pub degenerate_share: f64,
+    /// The extracted model, for storing it.
+    pub extracted: crate::readers::ExtractedModel,
+}
+
+impl Engine {
+    /// Profiles a checkpoint against the database without storing it: per-layer quality, its
+    /// coefficient histograms in the pinned basis, and D to every reference group.
+    pub fn profile_checkpoint(
+        &self,
+        staged: &std::path::Path,
+        file_name: &str,
+        format: Option<crate::readers::Format>,
+        reference: &Pred,
+        grouping: &Grouping,
+        opts: &QualityOptions,
+        weights: &Weights,
+    ) -> Result<Profile> {
+        check_quality_options(opts)?;
+        let cp = crate::readers::read_checkpoint(staged, format)
+            .map_err(|e| EngineError::InvalidArgument(format!("{file_name}: {e}")))?;
+        let extracted =
+            crate::readers::extract(cp).map_err(|e| EngineError::InvalidArgument(format!("{file_name}: {e}")))?;
+        let (record, groups) = self.distributions(reference, grouping)?;
+        let basis = record_basis(&record);
+        let bins = record.bins as usize;
+        let per_layer: Vec<(LayerQuality, LayerHistogram)> = extracted
+            .layers
+            .par_iter()
+            .map(|l| -> Result<(LayerQuality, LayerHistogram)> {
+                let stats = crate::stats::LayerStats::compute(&l.filters, l.out_channels, l.in_channels);
+                let q = quality::layer_quality(&stats, opts)
+                    .map_err(|e| EngineError::InvalidArgument(format!("layer `{}`: {e}", l.tensor_name)))?;
+                let mut h = empty_histogram(record.bins);
+                add_to_histogram(&record, &basis, &l.filters, &mut h);
+                Ok((q, h))
+            })
+            .collect::<Result<_>>()?;
+        let mut mine = GroupHistogram { key: file_name.to_string(), n_filters: 0, counts: vec![0; 9 * bins], out_of_range: vec![0; 9] };
+        for ((_, h), l) in per_layer.iter().zip(&extracted.layers) {
+            mine.n_filters += l.n_filters();
+            for (a, b) in mine.counts.iter_mut().zip(&h.counts) {
+                *a += u64::from(*b);
+            }
+            for (a, b) in mine.out_of_range.iter_mut().zip(&h.out_of_range) {
+                *a += b;
+            }
+        }
+        let w: Vec<f64> = match weights {
+            Weights::Evr => record.evr.clone(),
+            Weights::Uniform => vec![1.0 / 9.0; 9],
+            Weights::Custom(w) if w.len() == 9 => w.clone(),
+            Weights::Custom(w) => {
+                return Err(EngineError::InvalidArgument(format!("custom weights: need 9 values, got {}", w.len())));
+            }
+        };
+        let width = (record.range_max - record.range_min) / bins as f64;
+        let prob = |g: &GroupHistogram, i: usize| {
+            quality::hist_to_prob(&g.counts[i * bins..(i + 1) * bins], width)
+                .map_err(|e| EngineError::FailedPrecondition(format!("drift: {e}")))
+        };
+        let p: Vec<Vec<f64>> = (0..9).map(|i| prob(&mine, i)).collect::<Result<_>>()?;
+        let mut drift = Vec::new();
+        for g in groups.iter().filter(|g| g.n_filters > 0) {
+            let mut s = Vec::with_capacity(9);
+            let mut d = 0.0;
+            for i in 0..9 {
+                let q = prob(g, i)?;
+                let si = quality::jeffreys(&p[i], &q).map_err(|e| EngineError::FailedPrecondition(format!("drift: {e}")))?;
+                d += w[i] * si;
+                s.push(si);
+            }
+            drift.push((g.key.clone(), d, s, g.n_filters));
+        }
+        drift.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let flagged = per_layer.iter().filter(|(q, _)| q.flags.combined).count();
+        let degenerate_share = if per_layer.is_empty() { 0.0 } else { flagged as f64 / per_layer.len() as f64 };
+        let layers = extracted.layers.iter().cloned().zip(per_layer.into_iter().map(|(q, _)| q)).collect();
+        Ok(Profile { basis_version: record.version, layers, histogram: mine, drift, degenerate_share, extracted })
+    }
+}

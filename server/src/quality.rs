@@ -914,13 +914,13 @@ mod tests {
         }
         let b = basis_from_moments(&Moments::of(&f)).unwrap();
         let total: f64 = sd.iter().map(|s| s * s).sum();
-        for k in 0..9 {
-            assert!((b.evr[k] - sd[k] * sd[k] / total).abs() < 0.01, "{k}");
+        for (k, s) in sd.iter().enumerate() {
+            assert!((b.evr[k] - s * s / total).abs() < 0.01, "{k}");
             assert!((b.mean[k] - 0.2).abs() < 0.02);
         }
         // Well-separated leading components line up; the tail is close in span.
-        for k in 0..3 {
-            let cos: f64 = b.components[k].iter().zip(&q[k]).map(|(a, c)| a * c).sum();
+        for (k, qk) in q.iter().enumerate().take(3) {
+            let cos: f64 = b.components[k].iter().zip(qk).map(|(a, c)| a * c).sum();
             assert!(cos.abs() > 0.99, "{k}: {cos}");
         }
     }
@@ -942,9 +942,9 @@ mod tests {
     fn compare_identical_and_permuted_bases() {
         let q = rotation();
         let mut f = Vec::new();
-        for k in 0..9 {
+        for (k, qk) in q.iter().enumerate() {
             for sign in [1.0, -1.0] {
-                f.extend((0..9).map(|j| (sign * (1.0 - 0.1 * k as f64) * q[k][j]) as f32));
+                f.extend(qk.map(|v| (sign * (1.0 - 0.1 * k as f64) * v) as f32));
             }
         }
         let a = basis_from_moments(&Moments::of(&f)).unwrap();

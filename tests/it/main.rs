@@ -2,6 +2,7 @@
 //! crash tests) over a real RocksDB, fed the committed checkpoint fixtures written by torch,
 //! onnx and safetensors (see tests/fixtures/make_fixtures.py).
 
+mod analytics;
 mod bad_inputs;
 mod cli;
 mod crash;

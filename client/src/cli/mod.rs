@@ -1,5 +1,6 @@
 //! Command-line arguments of `filterdb` and the dispatch to the commands.
 
+mod analytics;
 mod commands;
 mod ingest;
 mod manifest;
@@ -49,6 +50,24 @@ pub enum Command {
     Vocab,
     /// Explain the --where expression syntax.
     WhereHelp,
+    /// PCA basis (mean, eigenfilters, explained variance) of a selection, optionally per group.
+    Basis(analytics::BasisArgs),
+    /// Pin the reference basis and recompute every layer's coefficient histograms against it.
+    PinBasis(analytics::PinBasisArgs),
+    /// Compare the bases of two selections: |cos| matrix, matching, principal angles, EVR.
+    CompareBases(analytics::CompareBasesArgs),
+    /// Coefficient distributions in the pinned basis, per group; ridge plots with --plot.
+    Distributions(analytics::DistributionsArgs),
+    /// Drift D (symmetric KL of coefficient distributions) between every pair of groups.
+    Drift(analytics::DriftArgs),
+    /// Quality metrics per layer (sparsity, entropy, orthogonality, degeneration flags).
+    Quality(analytics::QualityArgs),
+    /// Models ranked by their degenerate layers.
+    Degenerate(analytics::DegenerateArgs),
+    /// A quality metric per model and depth bin; boxplots across models with --plot.
+    DepthProfile(analytics::DepthProfileArgs),
+    /// 2-D density of two coefficient components, plotted on a log colour scale.
+    Density(analytics::DensityArgs),
 }
 
 /// Checkpoint container format.
@@ -313,6 +332,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Delete(a) => commands::delete(&ctx, a).await?,
         Command::Vocab => commands::vocab(&ctx).await?,
         Command::WhereHelp => commands::where_help(&ctx)?,
+        Command::Basis(a) => analytics::basis(&ctx, a).await?,
+        Command::PinBasis(a) => analytics::pin_basis(&ctx, a).await?,
+        Command::CompareBases(a) => analytics::compare_bases(&ctx, a).await?,
+        Command::Distributions(a) => analytics::distributions(&ctx, a).await?,
+        Command::Drift(a) => analytics::drift(&ctx, a).await?,
+        Command::Quality(a) => analytics::quality(&ctx, a).await?,
+        Command::Degenerate(a) => analytics::degenerate(&ctx, a).await?,
+        Command::DepthProfile(a) => analytics::depth_profile(&ctx, a).await?,
+        Command::Density(a) => analytics::density(&ctx, a).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -524,6 +552,108 @@ mod tests {
             Command::WhereHelp
         ));
         assert!(matches!(parse(&["vocab"]).unwrap().command, Command::Vocab));
+    }
+
+    #[test]
+    fn analytics_commands() {
+        let cli = parse(&[
+            "basis",
+            "--where",
+            "task = Classification",
+            "--group-by",
+            "depth_decile",
+            "--raw",
+            "--plot",
+            "e.png",
+            "--json",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        let Command::Basis(a) = cli.command else {
+            panic!()
+        };
+        assert_eq!(a.group_by, Some(Field::DepthDecile));
+        assert!(a.raw);
+        assert_eq!(a.plot, Some(PathBuf::from("e.png")));
+
+        let Command::PinBasis(a) = parse(&["pin-basis"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!((a.bins, a.where_), (70, None));
+        assert!(parse(&["pin-basis", "--bins", "0"]).is_err());
+
+        let Command::CompareBases(a) = parse(&["compare-bases", "--a", "task = x", "--b", ""])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!((a.a.as_str(), a.b.as_str()), ("task = x", ""));
+        assert!(parse(&["compare-bases", "--a", "x = 1"]).is_err());
+
+        let Command::Drift(a) = parse(&[
+            "drift",
+            "--group-by",
+            "task",
+            "--weights",
+            "uniform",
+            "--sort",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(a.group_by, Field::Task);
+        assert_eq!(a.weights, analytics::WeightsArg::Uniform);
+        assert!(a.sort);
+        assert!(parse(&["drift"]).is_err(), "--group-by is required");
+
+        let Command::Quality(a) = parse(&["quality", "resnet", "--eps", "0.05", "--non-strict"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(a.model.as_deref(), Some("resnet"));
+        assert_eq!(a.quality.eps, 0.05);
+        assert!(a.quality.non_strict && !a.quality.scaled);
+        assert!(parse(&["quality", "--where", "conv_depth = 0"]).is_ok());
+        assert!(parse(&["quality"]).is_err(), "MODEL or --where");
+
+        let Command::Degenerate(a) = parse(&["degenerate", "--by-count", "--limit", "5"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert!(a.by_count);
+        assert_eq!(a.limit, Some(5));
+
+        let Command::DepthProfile(a) = parse(&[
+            "depth-profile",
+            "--metric",
+            "entropy-norm",
+            "--binning",
+            "depth_decile_first",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(a.metric, analytics::MetricArg::EntropyNorm);
+        assert_eq!(a.binning, analytics::BinningArg::DepthDecileFirst);
+        assert!(parse(&["depth-profile", "--binning", "depth-decile"]).is_ok());
+
+        let Command::Density(a) = parse(&["density", "--i", "2", "--j", "5", "--plot", "d.svg"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!((a.i, a.j), (2, 5));
+        assert!(parse(&["density", "--i", "9"]).is_err());
     }
 
     #[test]

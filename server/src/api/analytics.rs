@@ -315,6 +315,13 @@ impl pb::analytics_server::Analytics for AnalyticsService {
         }))
     }
 
+    async fn profile_checkpoint(
+        &self,
+        request: Request<tonic::Streaming<pb::ProfileCheckpointRequest>>,
+    ) -> Result<Response<pb::ProfileCheckpointResponse>, Status> {
+        Ok(Response::new(self.profile(request.into_inner()).await?))
+    }
+
     async fn density2_d(&self, request: Request<pb::Density2DRequest>) -> Result<Response<pb::Density2DResponse>, Status> {
         let r = request.into_inner();
         let pred = self.pred(r.selection.as_ref())?;
@@ -322,5 +329,134 @@ impl pb::analytics_server::Analytics for AnalyticsService {
         let engine = self.engine.clone();
         let (version, density, n) = blocking(move || engine.density_2d(&pred, i, j).map_err(status)).await?;
         Ok(Response::new(pb::Density2DResponse { basis_version: version, density, n_filters: n }))
+    }
+}
+
+impl AnalyticsService {
+    /// ProfileCheckpoint: stage the upload, profile it, optionally store it.
+    pub async fn profile(
+        &self,
+        mut inbound: tonic::Streaming<pb::ProfileCheckpointRequest>,
+    ) -> Result<pb::ProfileCheckpointResponse, Status> {
+        use sha2::Digest;
+        use std::io::Write;
+        let header = match inbound.message().await? {
+            Some(pb::ProfileCheckpointRequest { part: Some(pb::profile_checkpoint_request::Part::Header(h)) }) => h,
+            _ => return Err(Status::invalid_argument("ProfileCheckpoint: the first message must be the header")),
+        };
+        let v = self.engine.vocabularies();
+        let reference = selection(v, header.reference.as_ref())?;
+        let g = match header.group.as_ref() {
+            None => Grouping::Field(Field::Task),
+            Some(_) => grouping(v, header.group.as_ref())?,
+        };
+        let opts = quality_options(header.options.as_ref(), false);
+        let weights = match pb::DriftWeights::try_from(header.weights) {
+            Ok(pb::DriftWeights::Uniform) => Weights::Uniform,
+            _ => Weights::Evr,
+        };
+        let format = super::convert::format_in(header.format)?;
+        let meta = super::convert::meta_in(header.meta.as_ref());
+        if header.store {
+            self.engine.normalize_meta(&meta).map_err(status)?;
+        }
+        let file_name = if header.file_name.is_empty() { "<upload>".to_string() } else { header.file_name.clone() };
+        let staging = self.engine.staging_dir().to_path_buf();
+        let mut staged = tempfile::NamedTempFile::new_in(staging).map_err(|e| Status::internal(format!("cannot stage upload: {e}")))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut size = 0u64;
+        {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, staged.as_file_mut());
+            while let Some(msg) = inbound.message().await? {
+                if let Some(pb::profile_checkpoint_request::Part::Chunk(c)) = msg.part {
+                    size += c.len() as u64;
+                    if size > super::Limits::default().max_upload_bytes {
+                        return Err(Status::resource_exhausted(format!("{file_name}: upload exceeds the limit")));
+                    }
+                    hasher.update(&c);
+                    w.write_all(&c).map_err(|e| Status::internal(format!("staging write failed: {e}")))?;
+                } else {
+                    return Err(Status::invalid_argument("ProfileCheckpoint: only the first message may be a header"));
+                }
+            }
+            w.flush().map_err(|e| Status::internal(format!("staging write failed: {e}")))?;
+        }
+        if size == 0 {
+            return Err(Status::invalid_argument(format!("{file_name}: the upload is empty")));
+        }
+        let sha256 = hex::encode(hasher.finalize());
+        let engine = self.engine.clone();
+        let store = header.store;
+        let (profile, stored) = blocking(move || {
+            let p = engine
+                .profile_checkpoint(staged.path(), &file_name, format, &reference, &g, &opts, &weights)
+                .map_err(status)?;
+            let stored = if store {
+                let req = crate::engine::IngestRequest {
+                    meta,
+                    file_name: file_name.clone(),
+                    format,
+                    sha256,
+                    size_bytes: size,
+                    on_conflict: crate::engine::NameConflict::Error,
+                };
+                let (outcome, m) = engine.ingest_extracted(p.extracted.clone(), &req, &|_, _, _| {}).map_err(status)?;
+                let outcome = match outcome {
+                    crate::engine::IngestOutcome::Created => pb::IngestOutcome::Created,
+                    crate::engine::IngestOutcome::Unchanged => pb::IngestOutcome::Unchanged,
+                    crate::engine::IngestOutcome::Replaced => pb::IngestOutcome::Replaced,
+                };
+                Some(pb::IngestResult { outcome: outcome as i32, model: Some(super::convert::model_out(&m)) })
+            } else {
+                None
+            };
+            Ok((p, stored))
+        })
+        .await?;
+        let bins = (profile.histogram.counts.len() / 9).max(1);
+        Ok(pb::ProfileCheckpointResponse {
+            basis_version: profile.basis_version,
+            layers: profile
+                .layers
+                .iter()
+                .map(|(l, q)| pb::LayerQualityRow {
+                    layer_id: 0,
+                    model_id: 0,
+                    model: String::new(),
+                    layer_index: l.layer_index,
+                    tensor_name: l.tensor_name.clone(),
+                    conv_depth: l.conv_depth,
+                    conv_depth_norm: l.conv_depth_norm,
+                    n: q.n,
+                    sparsity: q.sparsity,
+                    entropy: nan(q.entropy),
+                    entropy_norm: nan(q.entropy_norm),
+                    entropy_clean: nan(q.entropy_clean),
+                    entropy_clean_norm: nan(q.entropy_clean_norm),
+                    orthogonality: nan(q.orthogonality),
+                    random_like: q.flags.random_like,
+                    low_diversity: q.flags.low_diversity,
+                    sparse_heavy: q.flags.sparse_heavy,
+                    degenerate: q.flags.combined,
+                })
+                .collect(),
+            distribution: Some(pb::GroupDistribution {
+                key: profile.histogram.key.clone(),
+                n_filters: profile.histogram.n_filters,
+                components: (0..9)
+                    .map(|i| pb::ComponentHistogram {
+                        counts: profile.histogram.counts[i * bins..(i + 1) * bins].to_vec(),
+                        out_of_range: profile.histogram.out_of_range[i],
+                    })
+                    .collect(),
+            }),
+            drift: profile
+                .drift
+                .into_iter()
+                .map(|(key, d, per_component, n_filters)| pb::GroupDrift { key, d, per_component, n_filters })
+                .collect(),
+            stored,
+            degenerate_share: profile.degenerate_share,
+        })
     }
 }
