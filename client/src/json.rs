@@ -617,7 +617,10 @@ mod tests {
 
         assert_eq!(drift_weights_name(DriftWeights::Unspecified as i32), "evr");
         assert_eq!(drift_weights_name(DriftWeights::Uniform as i32), "uniform");
-        assert_eq!(quality_metric_name(QualityMetric::EntropyNorm as i32), "entropy-norm");
+        assert_eq!(
+            quality_metric_name(QualityMetric::EntropyNorm as i32),
+            "entropy-norm"
+        );
         assert_eq!(f64_to_json(f64::INFINITY), Value::Null);
         let p = pin_progress_to_json(&PinBasisProgress {
             version: 3,
@@ -625,7 +628,10 @@ mod tests {
             layers_done: 1,
             layers_total: 4,
         });
-        assert_eq!(p, json!({"version": 3, "phase": "histograms", "layers_done": 1, "layers_total": 4}));
+        assert_eq!(
+            p,
+            json!({"version": 3, "phase": "histograms", "layers_done": 1, "layers_total": 4})
+        );
     }
 
     #[test]

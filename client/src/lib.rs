@@ -31,8 +31,8 @@ use filterdb_proto::{
     GetFiltersRequest, GetModelRequest, GetVocabulariesRequest, IngestHeader, IngestPhase,
     IngestProgress, IngestRequest, IngestResponse, IngestResult, ListLayersRequest,
     ListLayersResponse, ListModelsRequest, MetaUpdate, Model, ModelFilters, ModelRef,
-    PinBasisProgress, PinBasisRequest, Selection, UpdateModelMetaRequest, Vocabularies, get_filters_request, ingest_request, ingest_response,
-    model_ref,
+    PinBasisProgress, PinBasisRequest, Selection, UpdateModelMetaRequest, Vocabularies,
+    get_filters_request, ingest_request, ingest_response, model_ref,
 };
 use futures::Stream;
 use tokio::io::AsyncReadExt;

@@ -15,8 +15,9 @@
 //! - [`Boxplots`]: a metric per bin across models (depth profiles).
 //! - [`DensityImage`]: a 2-D histogram on a logarithmic colour scale.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -284,10 +285,71 @@ fn fit(s: &str, size: f64, max_w: i32) -> String {
     "…".to_string()
 }
 
-/// Where a text's anchor sits relative to `pos`. ab_glyph's layout box is shorter than the
-/// glyphs and puts the baseline half a size below the box top, so vertically centred text is
-/// nudged down to look centred.
-fn text<DB: DrawingBackend>(
+/// True for the SVG backend, whose viewer lays text out itself.
+fn is_svg<DB: DrawingBackend>() -> bool {
+    std::any::type_name::<DB>().contains("SVGBackend")
+}
+
+/// Half the side bearings of `c` at `size`: how far right of the pen its ink should start.
+///
+/// plotters' ab_glyph renderer puts every glyph's ink at the pen position, dropping the left
+/// side bearing, so narrow glyphs (`.`, `1`, `(`) drift left and leave gaps ("40. 0%"). Bitmap
+/// text is therefore drawn glyph by glyph, each shifted by this amount; DejaVu's bearings are
+/// nearly symmetric, so half the advance minus the ink width is close to the true bearing. The
+/// ink width is measured once per glyph and size by rendering it.
+fn bearing(c: char, size: f64) -> i32 {
+    static CACHE: Mutex<Option<HashMap<(char, u32), i32>>> = Mutex::new(None);
+    let key = (c, (size * 10.0).round() as u32);
+    if let Some(v) = CACHE
+        .lock()
+        .ok()
+        .and_then(|m| m.as_ref().and_then(|m| m.get(&key).copied()))
+    {
+        return v;
+    }
+    let adv = text_width(&c.to_string(), size);
+    let s = size.ceil() as i32;
+    let (w, h) = ((adv + 2 * s).max(4) as u32, (3 * s).max(4) as u32);
+    let mut buf = vec![255u8; w as usize * h as usize * 3];
+    let mut ink: Option<(i32, i32)> = None;
+    {
+        let area = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        let drawn = area.draw(&Text::new(
+            c.to_string(),
+            (s, s),
+            style(size, BLACK, HPos::Left, VPos::Top),
+        ));
+        if drawn.is_err() {
+            return 0;
+        }
+    }
+    for x in 0..w as i32 {
+        let inked = (0..h as usize).any(|y| {
+            let i = (y * w as usize + x as usize) * 3;
+            buf[i] < 200
+        });
+        if inked {
+            ink = Some(match ink {
+                None => (x, x),
+                Some((a, _)) => (a, x),
+            });
+        }
+    }
+    let v = match ink {
+        Some((a, b)) => ((adv - (b - a + 1)) as f64 / 2.0).round().max(0.0) as i32,
+        None => 0,
+    };
+    if let Ok(mut m) = CACHE.lock() {
+        m.get_or_insert_with(HashMap::new).insert(key, v);
+    }
+    v
+}
+
+/// Draws `s` anchored at `pos` (`h` along the text, `v` across it), horizontal or rotated to
+/// read bottom to top. ab_glyph's layout box is shorter than the glyphs and puts the baseline
+/// half a size below the box top, so the cross-text position is nudged to look centred.
+#[allow(clippy::too_many_arguments)]
+fn draw_text<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     s: &str,
     (x, y): (i32, i32),
@@ -295,30 +357,79 @@ fn text<DB: DrawingBackend>(
     color: RGBColor,
     h: HPos,
     v: VPos,
+    vertical: bool,
 ) -> DrawResult<DB> {
-    let dy = match v {
+    let nudge = match v {
         VPos::Top => (0.22 * size) as i32,
         VPos::Center => (0.12 * size) as i32,
         VPos::Bottom => 0,
     };
-    area.draw(&Text::new(
-        s.to_string(),
-        (x, y + dy),
-        style(size, color, h, v),
-    ))
+    let (x, y) = if vertical {
+        (x + nudge, y)
+    } else {
+        (x, y + nudge)
+    };
+    let rotate = |st: TextStyle<'static>| {
+        if vertical {
+            st.transform(FontTransform::Rotate270)
+        } else {
+            st
+        }
+    };
+    if is_svg::<DB>() {
+        return area.draw(&Text::new(
+            s.to_string(),
+            (x, y),
+            rotate(style(size, color, h, v)),
+        ));
+    }
+    let total = text_width(s, size);
+    let lead = match h {
+        HPos::Left => 0,
+        HPos::Center => total / 2,
+        HPos::Right => total,
+    };
+    let glyph = rotate(style(size, color, HPos::Left, v));
+    for (i, c) in s.char_indices() {
+        if c.is_whitespace() {
+            continue;
+        }
+        // Pen positions from prefix widths keep kerning and avoid rounding drift.
+        let along = text_width(&s[..i], size) - lead + bearing(c, size);
+        let pos = if vertical {
+            (x, y - along)
+        } else {
+            (x + along, y)
+        };
+        area.draw(&Text::new(c.to_string(), pos, glyph.clone()))?;
+    }
+    Ok(())
 }
 
-/// Text rotated to read bottom to top, centred on `pos`.
+/// Horizontal text anchored at `pos`.
+fn text<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    s: &str,
+    pos: (i32, i32),
+    size: f64,
+    color: RGBColor,
+    h: HPos,
+    v: VPos,
+) -> DrawResult<DB> {
+    draw_text(area, s, pos, size, color, h, v, false)
+}
+
+/// Text rotated to read bottom to top, centred across at `pos.0`; `h` anchors along the text
+/// (`Right`: the text ends at `pos`, running down from it).
 fn vertical_text<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     s: &str,
-    (x, y): (i32, i32),
+    pos: (i32, i32),
     size: f64,
     color: RGBColor,
     h: HPos,
 ) -> DrawResult<DB> {
-    let st = style(size, color, h, VPos::Center).transform(FontTransform::Rotate270);
-    area.draw(&Text::new(s.to_string(), (x + (0.12 * size) as i32, y), st))
+    draw_text(area, s, pos, size, color, h, VPos::Center, true)
 }
 
 /// `v` with `sig` significant digits, switching to exponent form for very large or small values.
@@ -503,9 +614,7 @@ impl Eigenfilters {
         let w = self
             .rows
             .iter()
-            .map(|r| {
-                text_width(&r.label, 15.0).max(text_width(&format!("n = {}", r.n), 13.0))
-            })
+            .map(|r| text_width(&r.label, 15.0).max(text_width(&format!("n = {}", r.n), 13.0)))
             .max()
             .unwrap_or(0);
         (w.min(240) + 28).max(90)
@@ -532,7 +641,8 @@ impl Eigenfilters {
 
 impl Plot for Eigenfilters {
     fn size(&self) -> (u32, u32) {
-        let w = self.label_width() + 9 * (EF_TILE + EF_GAP) + 18 + 16 + colorbar_extra(&self.ticks());
+        let w =
+            self.label_width() + 9 * (EF_TILE + EF_GAP) + 18 + 16 + colorbar_extra(&self.ticks());
         let rows = self.rows.len().max(1) as i32;
         let h = EF_TOP + rows * (EF_TILE_TITLE + EF_TILE + EF_ROW_GAP) + 10;
         (w as u32, h as u32)
@@ -564,7 +674,15 @@ impl Plot for Eigenfilters {
             let tile_y = top + EF_TILE_TITLE;
             let mid = tile_y + EF_TILE / 2;
             let label = fit(&row.label, 15.0, left - 20);
-            text(root, &label, (left - 18, mid - 10), 15.0, INK, HPos::Right, VPos::Center)?;
+            text(
+                root,
+                &label,
+                (left - 18, mid - 10),
+                15.0,
+                INK,
+                HPos::Right,
+                VPos::Center,
+            )?;
             text(
                 root,
                 &format!("n = {}", row.n),
@@ -692,7 +810,10 @@ impl Ridges {
 
 impl Plot for Ridges {
     fn size(&self) -> (u32, u32) {
-        (RIDGE_W as u32, (RIDGE_TOP + 3 * self.panel_height() + 8) as u32)
+        (
+            RIDGE_W as u32,
+            (RIDGE_TOP + 3 * self.panel_height() + 8) as u32,
+        )
     }
 
     fn check(&self) -> Result<(), PlotError> {
@@ -728,6 +849,9 @@ impl Plot for Ridges {
         let bins = self.groups[0].counts[0].len();
         let bw = (hi - lo) / bins as f64;
         let top_y = (ng - 1) as f64 + 1.9;
+        let xticks = nice_ticks(lo, hi, 6);
+        let xdec = tick_decimals(&xticks);
+        let grid = RGBColor(228, 228, 228);
         for (k, panel) in panels.iter().enumerate() {
             let (row, col) = (k / 3, k % 3);
             let caption = self
@@ -735,27 +859,64 @@ impl Plot for Ridges {
                 .get(k)
                 .cloned()
                 .unwrap_or_else(|| format!("c{k}"));
+            let (pw_px, _) = panel.dim_in_pixel();
+            let left = if col == 0 { kw } else { 6 };
+            let caption = fit(&caption, 15.0, pw_px as i32 - left - 20);
+            text(
+                panel,
+                &caption,
+                (left + (pw_px as i32 - left - 14) / 2, 14),
+                15.0,
+                INK,
+                HPos::Center,
+                VPos::Center,
+            )?;
             let mut chart = ChartBuilder::on(panel)
-                .caption(caption, font(15.0).color(&INK))
                 .margin(6)
+                .margin_top(30)
                 .margin_right(14)
-                .x_label_area_size(if row == 2 { 50 } else { 30 })
-                .y_label_area_size(if col == 0 { kw } else { 6 })
+                .x_label_area_size(if row == 2 { 52 } else { 30 })
+                .y_label_area_size(left)
                 .build_cartesian_2d(lo..hi, 0.0..top_y)?;
-            let mut mesh = chart.configure_mesh();
-            mesh.disable_y_mesh()
+            chart
+                .configure_mesh()
+                .disable_mesh()
                 .disable_y_axis()
+                .x_labels(0)
                 .y_labels(0)
-                .x_labels(7)
-                .label_style(font(12.0).color(&INK))
-                .axis_desc_style(font(13.0).color(&INK))
-                .light_line_style(RGBColor(235, 235, 235))
-                .bold_line_style(RGBColor(215, 215, 215))
-                .x_label_formatter(&|v: &f64| fmt_sig(*v, 2));
-            if row == 2 {
-                mesh.x_desc(self.x_label.as_str());
+                .axis_style(FRAME)
+                .draw()?;
+            chart.draw_series(
+                xticks
+                    .iter()
+                    .map(|&t| PathElement::new(vec![(t, 0.0), (t, top_y)], grid)),
+            )?;
+            for &t in &xticks {
+                let (px, py) = chart.backend_coord(&(t, 0.0));
+                root.draw(&PathElement::new(vec![(px, py), (px, py + 4)], FRAME))?;
+                text(
+                    root,
+                    &format!("{t:.xdec$}"),
+                    (px, py + 7),
+                    12.0,
+                    INK,
+                    HPos::Center,
+                    VPos::Top,
+                )?;
             }
-            mesh.draw()?;
+            if row == 2 {
+                let (x0, py) = chart.backend_coord(&(lo, 0.0));
+                let (x1, _) = chart.backend_coord(&(hi, 0.0));
+                text(
+                    root,
+                    &self.x_label,
+                    ((x0 + x1) / 2, py + 36),
+                    14.0,
+                    INK,
+                    HPos::Center,
+                    VPos::Center,
+                )?;
+            }
             let hmax = dens
                 .iter()
                 .flat_map(|g| g[k].iter())
@@ -772,8 +933,12 @@ impl Plot for Ridges {
                 poly.extend(pts.iter().copied());
                 poly.push((hi, base));
                 let color = group_color(g);
+                // Opaque white first, so a ridge hides the ones behind it.
                 chart.draw_series(std::iter::once(Polygon::new(poly.clone(), WHITE.filled())))?;
-                chart.draw_series(std::iter::once(Polygon::new(poly, color.mix(0.35).filled())))?;
+                chart.draw_series(std::iter::once(Polygon::new(
+                    poly,
+                    color.mix(0.35).filled(),
+                )))?;
                 chart.draw_series(std::iter::once(PathElement::new(
                     vec![(lo, base), (hi, base)],
                     RGBColor(190, 190, 190),
@@ -782,7 +947,15 @@ impl Plot for Ridges {
                 if col == 0 {
                     let (px, py) = chart.backend_coord(&(lo, base));
                     let key = fit(&self.groups[g].key, 13.0, kw - 12);
-                    text(root, &key, (px - 8, py), 13.0, INK, HPos::Right, VPos::Center)?;
+                    text(
+                        root,
+                        &key,
+                        (px - 8, py),
+                        13.0,
+                        INK,
+                        HPos::Right,
+                        VPos::Center,
+                    )?;
                 }
             }
         }
@@ -899,6 +1072,7 @@ impl Plot for Heatmap {
         title(root, &self.title, l.width)?;
         let g = self.keys.len();
         let vmax = self.vmax();
+        let dec = (2 - vmax.log10().floor() as i32).clamp(0, 6) as usize;
         let kmax = l.left - 32 - if self.axis_label.is_empty() { 0 } else { 28 };
         for r in 0..g {
             for c in 0..g {
@@ -913,8 +1087,14 @@ impl Plot for Heatmap {
                     [(x0, y0), (x0 + l.cell, y0 + l.cell)],
                     color.filled(),
                 ))?;
-                // The value, as large as fits.
-                let s = fmt_sig(v, 3);
+                // The value, as large as fits; 3 significant digits of the largest value.
+                let s = if v == 0.0 {
+                    "0".to_string()
+                } else if v.is_finite() {
+                    format!("{v:.dec$}")
+                } else {
+                    "n/a".to_string()
+                };
                 let mut size = (l.cell as f64 / 4.2).clamp(9.0, 16.0);
                 while size > 8.0 && text_width(&s, size) > l.cell - 6 {
                     size -= 1.0;
@@ -1101,16 +1281,44 @@ impl Plot for Boxplots {
             .build_cartesian_2d(-0.5..(nb as f64 - 0.5), ylo..yhi)?;
         chart
             .configure_mesh()
-            .disable_x_mesh()
+            .disable_mesh()
             .x_labels(0)
-            .y_labels(8)
-            .y_desc(self.y_label.as_str())
-            .label_style(font(BOX_FONT).color(&INK))
-            .axis_desc_style(font(15.0).color(&INK))
-            .light_line_style(RGBColor(240, 240, 240))
-            .bold_line_style(RGBColor(220, 220, 220))
-            .y_label_formatter(&|v: &f64| fmt_sig(*v, 3))
+            .y_labels(0)
+            .axis_style(FRAME)
             .draw()?;
+        let yticks = nice_ticks(ylo, yhi, 8);
+        let ydec = tick_decimals(&yticks);
+        let xr = (-0.5, nb as f64 - 0.5);
+        chart.draw_series(
+            yticks
+                .iter()
+                .map(|&t| PathElement::new(vec![(xr.0, t), (xr.1, t)], RGBColor(230, 230, 230))),
+        )?;
+        for &t in &yticks {
+            let (px, py) = chart.backend_coord(&(xr.0, t));
+            root.draw(&PathElement::new(vec![(px - 4, py), (px, py)], FRAME))?;
+            text(
+                root,
+                &format!("{t:.ydec$}"),
+                (px - 7, py),
+                BOX_FONT,
+                INK,
+                HPos::Right,
+                VPos::Center,
+            )?;
+        }
+        {
+            let (px, py0) = chart.backend_coord(&(xr.0, ylo));
+            let (_, py1) = chart.backend_coord(&(xr.0, yhi));
+            vertical_text(
+                root,
+                &self.y_label,
+                (px - 62, (py0 + py1) / 2),
+                15.0,
+                INK,
+                HPos::Center,
+            )?;
+        }
         let box_fill = RGBColor(158, 202, 225);
         let box_line = RGBColor(33, 102, 172);
         let median = RGBColor(230, 85, 13);
@@ -1333,7 +1541,15 @@ impl Plot for DensityImage {
             )?;
             let py = y0 + side - to_px(*t);
             root.draw(&PathElement::new(vec![(x0 - 5, py), (x0, py)], FRAME))?;
-            text(root, &label, (x0 - 8, py), 13.0, INK, HPos::Right, VPos::Center)?;
+            text(
+                root,
+                &label,
+                (x0 - 8, py),
+                13.0,
+                INK,
+                HPos::Right,
+                VPos::Center,
+            )?;
         }
         text(
             root,
@@ -1417,7 +1633,10 @@ mod tests {
         let n = distinct_colors(&rgb);
         assert!(n > 20, "{name}: only {n} colours, the plot looks empty");
         let svg = render_svg(plot).unwrap();
-        assert!(svg.starts_with("<svg") || svg.contains("<svg"), "{name}: no SVG");
+        assert!(
+            svg.starts_with("<svg") || svg.contains("<svg"),
+            "{name}: no SVG"
+        );
         (rgb, w, h)
     }
 
@@ -1458,8 +1677,8 @@ mod tests {
         let (x, y) = (left + EF_CELL / 2, EF_TOP + EF_TILE_TITLE + EF_CELL / 2);
         let (r, _, b) = pixel(&rgb, w, x, y);
         assert!(r > 90 && b < 60, "({r}, {b})");
-        // Its centre cell holds 0: near-white.
-        let (r, g, b) = pixel(&rgb, w, x + EF_CELL, y + EF_CELL);
+        // Its bottom-right cell holds 0: near-white.
+        let (r, g, b) = pixel(&rgb, w, x + 2 * EF_CELL, y + 2 * EF_CELL);
         assert!(r > 230 && g > 230 && b > 230, "({r}, {g}, {b})");
     }
 
@@ -1587,7 +1806,10 @@ mod tests {
         let e = render(&plot, &temp_path("out.jpg")).unwrap_err();
         assert!(matches!(e, PlotError::Format(_)), "{e}");
         assert!(e.to_string().contains(".png or .svg"), "{e}");
-        assert_eq!(image_format(Path::new("a/B.PNG")).unwrap(), ImageFormat::Png);
+        assert_eq!(
+            image_format(Path::new("a/B.PNG")).unwrap(),
+            ImageFormat::Png
+        );
         assert_eq!(image_format(Path::new("b.svg")).unwrap(), ImageFormat::Svg);
         assert!(image_format(Path::new("noext")).is_err());
         let e = render(&plot, Path::new("/nonexistent-dir-filterdb/x.png")).unwrap_err();
@@ -1614,11 +1836,20 @@ mod tests {
         assert_eq!(fmt_sig(0.0, 3), "0");
         assert_eq!(fmt_sig(1.5e-6, 2), "1.5e-6");
         assert_eq!(fmt_sig(f64::NAN, 3), "n/a");
-        assert_eq!(nice_ticks(0.0, 1.0, 5), vec![0.0, 0.2, 0.4, 0.6000000000000001, 0.8, 1.0]);
-        assert_eq!(nice_ticks(-3.3, 3.3, 6), vec![-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(
+            nice_ticks(0.0, 1.0, 5),
+            vec![0.0, 0.2, 0.4, 0.6000000000000001, 0.8, 1.0]
+        );
+        assert_eq!(
+            nice_ticks(-3.3, 3.3, 6),
+            vec![-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0]
+        );
         assert_eq!(pow10_label(-5), "10⁻⁵");
         assert_eq!(pow10_label(0), "10⁰");
-        assert_eq!(five_numbers(&[3.0, 1.0, f64::NAN, 2.0, 4.0]), Some([1.0, 1.75, 2.5, 3.25, 4.0]));
+        assert_eq!(
+            five_numbers(&[3.0, 1.0, f64::NAN, 2.0, 4.0]),
+            Some([1.0, 1.75, 2.5, 3.25, 4.0])
+        );
         assert_eq!(five_numbers(&[f64::NAN]), None);
         assert_eq!(quantile(&[1.0], 0.5), 1.0);
     }

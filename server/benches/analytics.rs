@@ -370,7 +370,12 @@ fn plan(seed: u64, target: u64) -> Plan {
             cum.push(acc);
         }
         let centres =
-            (0..48).map(|_| cum.partition_point(|&c| c < r.unit()).min(N_CENTRES - 1)).collect();
+            (0..48)
+            .map(|_| {
+                let x = r.unit();
+                cum.partition_point(|&c| c < x).min(N_CENTRES - 1)
+            })
+            .collect();
         pre.push(Pre { task: ti, cat: ci, arch, dataset, first, draws, depths, centres });
     }
 
@@ -482,7 +487,8 @@ fn gen_layer(seed: u64, model_idx: usize, layer_idx: usize, m: &ModelPlan, centr
             }
             continue;
         }
-        let c = &centres[picks[cum.partition_point(|&x| x < r.unit32() * acc).min(k - 1)]];
+        let x = r.unit32() * acc;
+        let c = &centres[picks[cum.partition_point(|&y| y < x).min(k - 1)]];
         let amp = (0.35 * r.normal()).exp() * if r.next_u64() & 1 == 0 { 1.0 } else { -1.0 };
         for (v, cj) in f.iter_mut().zip(c) {
             *v = scale * (amp * cj + sigma * r.normal());

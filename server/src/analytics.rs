@@ -342,6 +342,61 @@ impl Engine {
         }
     }
 
+    /// Histograms per group in the pinned basis with another binning: a scan of the filters.
+    /// Returns a basis record carrying the binning used.
+    pub fn distributions_scan(
+        &self,
+        pred: &Pred,
+        grouping: &Grouping,
+        bins: u32,
+        range: (Option<f64>, Option<f64>),
+    ) -> Result<(Arc<BasisRecord>, Vec<GroupHistogram>)> {
+        let pinned = self.pinned_basis().ok_or_else(no_basis)?;
+        let mut record = (*pinned).clone();
+        if bins != 0 {
+            if !(2..=100_000).contains(&bins) {
+                return Err(EngineError::InvalidArgument(format!("bins must be between 2 and 100000, got {bins}")));
+            }
+            record.bins = bins;
+        }
+        record.range_min = range.0.unwrap_or(record.range_min);
+        record.range_max = range.1.unwrap_or(record.range_max);
+        if !(record.range_min.is_finite() && record.range_max.is_finite() && record.range_min < record.range_max) {
+            return Err(EngineError::InvalidArgument(format!(
+                "range [{}, {}] is empty or not finite",
+                record.range_min, record.range_max
+            )));
+        }
+        let basis = record_basis(&record);
+        let c = self.read_catalog();
+        let members = Self::fold_groups::<Vec<Arc<CatalogLayer>>>(&c, pred, grouping, |acc, _, l| acc.push(l.clone()));
+        drop(c);
+        let bins = record.bins as usize;
+        let mut out = Vec::new();
+        for (key, layers) in members {
+            let hs: Vec<LayerHistogram> = layers
+                .par_iter()
+                .map(|l| -> Result<LayerHistogram> {
+                    let mut h = empty_histogram(record.bins);
+                    self.for_each_filter_chunk(l, |chunk| add_to_histogram(&record, &basis, chunk, &mut h))?;
+                    Ok(h)
+                })
+                .collect::<Result<_>>()?;
+            let mut g = GroupHistogram { key, n_filters: 0, counts: vec![0; 9 * bins], out_of_range: vec![0; 9] };
+            for (l, h) in layers.iter().zip(&hs) {
+                g.n_filters += l.record.n_filters;
+                for (a, b) in g.counts.iter_mut().zip(&h.counts) {
+                    *a += u64::from(*b);
+                }
+                for (a, b) in g.out_of_range.iter_mut().zip(&h.out_of_range) {
+                    *a += b;
+                }
+            }
+            out.push(g);
+        }
+        Ok((Arc::new(record), out))
+    }
+
     /// Merged coefficient histograms per group in the pinned basis.
     pub fn distributions(&self, pred: &Pred, grouping: &Grouping) -> Result<(Arc<BasisRecord>, Vec<GroupHistogram>)> {
         let b = self.read_basis();
@@ -381,9 +436,21 @@ impl Engine {
         Ok((p.record.clone(), out))
     }
 
-    /// D between every pair of groups, from merged histograms (spec §2.5).
-    pub fn drift_matrix(&self, pred: &Pred, grouping: &Grouping, weights: &Weights, sort_by_mean: bool) -> Result<DriftMatrix> {
-        let (record, groups) = self.distributions(pred, grouping)?;
+    /// D between every pair of groups, from merged histograms (spec §2.5). A binning other
+    /// than the pinned one (`bins` ≠ 0 or a range) is computed by a scan.
+    pub fn drift_matrix(
+        &self,
+        pred: &Pred,
+        grouping: &Grouping,
+        weights: &Weights,
+        sort_by_mean: bool,
+        binning: (u32, Option<f64>, Option<f64>),
+    ) -> Result<DriftMatrix> {
+        let (record, groups) = if binning == (0, None, None) {
+            self.distributions(pred, grouping)?
+        } else {
+            self.distributions_scan(pred, grouping, binning.0, (binning.1, binning.2))?
+        };
         let groups: Vec<GroupHistogram> = groups.into_iter().filter(|g| g.n_filters > 0).collect();
         let w: Vec<f64> = match weights {
             Weights::Evr => record.evr.clone(),

@@ -199,7 +199,7 @@ async fn pinned_basis_distributions_drift_and_density_equal_brute_force_and_pers
     close("range max", pinned.range_max, hi, 1e-12);
 
     let by_task = Some(pb::GroupSpec { field: pb::Field::Task as i32, selections: vec![] });
-    let d = a.distributions(pb::DistributionsRequest { selection: None, group: by_task.clone() }).await.unwrap().into_inner();
+    let d = a.distributions(pb::DistributionsRequest { selection: None, group: by_task.clone(), ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(d.basis_version, 1);
     let mut brute_sorted = brute.clone();
     brute_sorted.sort_by(|x, y| x.0.cmp(&y.0));
@@ -210,6 +210,33 @@ async fn pinned_basis_distributions_drift_and_density_equal_brute_force_and_pers
             assert_eq!(g.components[i].counts, h[i], "{task} component {i}");
             assert_eq!(g.components[i].out_of_range, 0);
         }
+    }
+
+    // The same binning computed by a scan equals the stored per-layer histograms; another
+    // binning is a scan too.
+    let scanned = a
+        .distributions(pb::DistributionsRequest {
+            selection: None,
+            group: by_task.clone(),
+            bins: 70,
+            range_min: Some(pinned.range_min),
+            range_max: Some(pinned.range_max),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(scanned.groups, d.groups);
+    let coarse = a
+        .distributions(pb::DistributionsRequest { selection: None, group: by_task.clone(), bins: 7, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(coarse.bins, 7);
+    for (g, fine) in coarse.groups.iter().zip(&d.groups) {
+        // 70 bins fold exactly into 7 (same range, edges every 10 bins) up to float edge rounding.
+        let folded: Vec<u64> = fine.components[0].counts.chunks(10).map(|c| c.iter().sum()).collect();
+        let diff: i64 = g.components[0].counts.iter().zip(&folded).map(|(a, b)| (*a as i64 - *b as i64).abs()).sum();
+        assert!(diff <= 2, "{}: {:?} vs {:?}", g.key, g.components[0].counts, folded);
     }
 
     // Drift: D = Σ evr_i (KL(p‖q) + KL(q‖p)), recomputed here from the brute-force histograms.
@@ -265,7 +292,7 @@ async fn pinned_basis_distributions_drift_and_density_equal_brute_force_and_pers
     // A model ingested after pinning gets histograms in the same basis; deleting it removes them.
     let mut c = server.client().await;
     ingest_fixture(&mut c, meta("legacy", "imagenet", "Classification", "resnet"), "tinynet_legacy.pt").await.unwrap();
-    let d2 = a.distributions(pb::DistributionsRequest { selection: None, group: by_task.clone() }).await.unwrap().into_inner();
+    let d2 = a.distributions(pb::DistributionsRequest { selection: None, group: by_task.clone(), ..Default::default() }).await.unwrap().into_inner();
     let cls = |d: &pb::DistributionsResponse| d.groups.iter().find(|g| g.key == "Classification").unwrap().clone();
     // tinynet_legacy.pt holds the same weights as tinynet_zip.pt: every count doubles.
     for i in 0..9 {
@@ -273,7 +300,7 @@ async fn pinned_basis_distributions_drift_and_density_equal_brute_force_and_pers
         assert_eq!(cls(&d2).components[i].counts, doubled, "component {i}");
     }
     c.delete_model(pb::DeleteModelRequest { model: Some(by_name("legacy")) }).await.unwrap();
-    let d3 = a.distributions(pb::DistributionsRequest { selection: None, group: by_task.clone() }).await.unwrap().into_inner();
+    let d3 = a.distributions(pb::DistributionsRequest { selection: None, group: by_task.clone(), ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(cls(&d3).components, cls(&d).components);
     drop((a, c));
     server.stop().await;
@@ -283,7 +310,7 @@ async fn pinned_basis_distributions_drift_and_density_equal_brute_force_and_pers
     let mut a = analytics(&server).await;
     let p2 = a.get_pinned_basis(pb::GetPinnedBasisRequest {}).await.unwrap().into_inner();
     assert_eq!(p2, pinned);
-    let d4 = a.distributions(pb::DistributionsRequest { selection: None, group: by_task }).await.unwrap().into_inner();
+    let d4 = a.distributions(pb::DistributionsRequest { selection: None, group: by_task, ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(d4, d);
     // Re-pinning makes version 2.
     let mut s = a.pin_basis(pb::PinBasisRequest { selection: Some(pb::Selection { expr: "task = Classification".into(), ..Default::default() }), bins: 30 }).await.unwrap().into_inner();

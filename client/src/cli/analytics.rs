@@ -142,7 +142,10 @@ pub struct QualityFlags {
 impl QualityFlags {
     fn options(&self) -> anyhow::Result<QualityOptions> {
         if !(self.eps > 0.0 && self.eps < 1.0) {
-            bail!("--eps must be between 0 and 1 (exclusive), got {}", self.eps);
+            bail!(
+                "--eps must be between 0 and 1 (exclusive), got {}",
+                self.eps
+            );
         }
         Ok(QualityOptions {
             eps: self.eps,
@@ -306,7 +309,8 @@ fn emit_json(v: &Value) -> anyhow::Result<()> {
 
 /// A unary answer with gRPC errors as [`ClientError`] (rendered `CODE: message`).
 fn answer<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Result<T, ClientError> {
-    r.map(tonic::Response::into_inner).map_err(ClientError::from)
+    r.map(tonic::Response::into_inner)
+        .map_err(ClientError::from)
 }
 
 fn group_spec(field: Option<Field>) -> Option<GroupSpec> {
@@ -394,7 +398,13 @@ fn basis_text(b: &FilterBasis, head: &str) -> String {
         let _ = writeln!(out, "  {line}");
     }
     let mut t = table(
-        &["component", "eigenvalue", "EVR %", "cumulative %", "eigenfilter"],
+        &[
+            "component",
+            "eigenvalue",
+            "EVR %",
+            "cumulative %",
+            "eigenfilter",
+        ],
         &[1, 2, 3],
     );
     for k in 0..b.evr.len().min(9) {
@@ -464,7 +474,10 @@ pub async fn basis(ctx: &Ctx, a: BasisArgs) -> anyhow::Result<()> {
     }
     let mut out = basis_text(
         overall,
-        &format!("PCA basis of {kind} filters ({})", what(a.where_.as_deref())),
+        &format!(
+            "PCA basis of {kind} filters ({})",
+            what(a.where_.as_deref())
+        ),
     );
     if let Some(f) = a.group_by {
         let mut headers = vec![field_name(f).to_string(), "n".to_string()];
@@ -572,7 +585,11 @@ pub async fn pin_basis(ctx: &Ctx, a: PinBasisArgs) -> anyhow::Result<()> {
         .await;
     bar.bar.finish_and_clear();
     let done = r?;
-    let p = answer(c.analytics().get_pinned_basis(GetPinnedBasisRequest {}).await)?;
+    let p = answer(
+        c.analytics()
+            .get_pinned_basis(GetPinnedBasisRequest {})
+            .await,
+    )?;
     if ctx.json {
         return emit_json(&json!({
             "version": done.version,
@@ -588,7 +605,12 @@ pub async fn pin_basis(ctx: &Ctx, a: PinBasisArgs) -> anyhow::Result<()> {
         );
     }
     if let Some(b) = &p.basis {
-        let evr: Vec<String> = b.evr.iter().take(3).map(|e| format!("{}%", pct(*e))).collect();
+        let evr: Vec<String> = b
+            .evr
+            .iter()
+            .take(3)
+            .map(|e| format!("{}%", pct(*e)))
+            .collect();
         let cum = b.cumulative_evr.get(2).copied().unwrap_or(f64::NAN);
         let _ = writeln!(
             out,
@@ -620,7 +642,10 @@ pub async fn compare_bases(ctx: &Ctx, a: CompareBasesArgs) -> anyhow::Result<()>
     if ctx.json {
         return emit_json(&compare_bases_to_json(&r));
     }
-    let (ba, bb) = (r.a.clone().unwrap_or_default(), r.b.clone().unwrap_or_default());
+    let (ba, bb) = (
+        r.a.clone().unwrap_or_default(),
+        r.b.clone().unwrap_or_default(),
+    );
     let mut out = format!(
         "a: {} ({} filters)\nb: {} ({} filters)\n\n|cos| between components (rows: a, columns: b)\n",
         what(Some(&a.a)),
@@ -639,7 +664,14 @@ pub async fn compare_bases(ctx: &Ctx, a: CompareBasesArgs) -> anyhow::Result<()>
     }
     let _ = writeln!(out, "{t}\n\ngreedy matching and explained variance");
     let mut t = table(
-        &["a", "b", "|cos|", "EVR a %", "EVR b %", "EVR a − b (points)"],
+        &[
+            "a",
+            "b",
+            "|cos|",
+            "EVR a %",
+            "EVR b %",
+            "EVR a − b (points)",
+        ],
         &[2, 3, 4, 5],
     );
     for m in &r.matching {
@@ -687,6 +719,7 @@ pub async fn distributions(ctx: &Ctx, a: DistributionsArgs) -> anyhow::Result<()
             .distributions(DistributionsRequest {
                 selection: sel,
                 group: group_spec(a.group_by),
+                ..Default::default()
             })
             .await,
     )?;
@@ -699,7 +732,11 @@ pub async fn distributions(ctx: &Ctx, a: DistributionsArgs) -> anyhow::Result<()
             );
         }
         // Panel titles carry the pinned basis' EVR when it is still the version answered.
-        let evr = match answer(c.analytics().get_pinned_basis(GetPinnedBasisRequest {}).await) {
+        let evr = match answer(
+            c.analytics()
+                .get_pinned_basis(GetPinnedBasisRequest {})
+                .await,
+        ) {
             Ok(p) if p.version == r.basis_version => p.basis.map(|b| b.evr).unwrap_or_default(),
             _ => vec![],
         };
@@ -806,6 +843,7 @@ pub async fn drift(ctx: &Ctx, a: DriftArgs) -> anyhow::Result<()> {
                 weights: weights as i32,
                 custom_weights: vec![],
                 sort_by_mean: a.sort,
+                ..Default::default()
             })
             .await,
     )?;
@@ -870,7 +908,10 @@ pub async fn drift(ctx: &Ctx, a: DriftArgs) -> anyhow::Result<()> {
     for (i, key) in r.keys.iter().enumerate() {
         let mut row = vec![
             key.clone(),
-            r.n_filters.get(i).map(|n| n.to_string()).unwrap_or_default(),
+            r.n_filters
+                .get(i)
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
         ];
         row.extend((0..g).map(|j| plot::fmt_sig(r.d[i * g + j], 4)));
         t.add_row(row);
@@ -977,10 +1018,7 @@ pub async fn quality(ctx: &Ctx, a: QualityArgs) -> anyhow::Result<()> {
         out.push_str("no layers match\n");
         return Ok(emit(&out)?);
     }
-    let several = r
-        .layers
-        .iter()
-        .any(|l| l.model_id != r.layers[0].model_id);
+    let several = r.layers.iter().any(|l| l.model_id != r.layers[0].model_id);
     let mut headers = vec![];
     if several {
         headers.push("model");
@@ -1171,7 +1209,11 @@ pub async fn depth_profile(ctx: &Ctx, a: DepthProfileArgs) -> anyhow::Result<()>
     }
     if ctx.json {
         let mut v = depth_profile_to_json(&r);
-        v["metric"] = json!(a.metric.to_possible_value().map(|p| p.get_name().to_string()));
+        v["metric"] = json!(
+            a.metric
+                .to_possible_value()
+                .map(|p| p.get_name().to_string())
+        );
         v["binning"] = json!(binning);
         if let Some(p) = &a.plot {
             v["plot"] = json!(p.display().to_string());
@@ -1194,10 +1236,14 @@ pub async fn depth_profile(ctx: &Ctx, a: DepthProfileArgs) -> anyhow::Result<()>
     let mut t = table(&header_refs, &(1..=r.bins.len()).collect::<Vec<_>>());
     for m in &models {
         let mut row = vec![m.clone()];
-        row.extend(r.bins.iter().map(|b| match map.get(&(m.clone(), b.clone())) {
-            Some((v, _)) => num(*v, 3),
-            None => String::new(),
-        }));
+        row.extend(
+            r.bins
+                .iter()
+                .map(|b| match map.get(&(m.clone(), b.clone())) {
+                    Some((v, _)) => num(*v, 3),
+                    None => String::new(),
+                }),
+        );
         t.add_row(row);
     }
     if models.len() > 1 {
@@ -1219,7 +1265,10 @@ pub async fn depth_profile(ctx: &Ctx, a: DepthProfileArgs) -> anyhow::Result<()>
 /// `filterdb density`.
 pub async fn density(ctx: &Ctx, a: DensityArgs) -> anyhow::Result<()> {
     if a.i == a.j {
-        bail!("--i and --j must name two different components (got {} twice)", a.i);
+        bail!(
+            "--i and --j must name two different components (got {} twice)",
+            a.i
+        );
     }
     if a.plot.is_none() && !ctx.json {
         bail!("--plot OUT.png (or OUT.svg) is required, unless --json prints the values");
@@ -1328,7 +1377,12 @@ mod tests {
         assert_eq!(num(f64::NAN, 3), "–");
         assert_eq!(num(0.12345, 3), "0.123");
         assert_eq!(pct(0.41234), "41.23");
-        assert_eq!(kernel_lines(&[1.0, -0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.25]).lines().count(), 3);
+        assert_eq!(
+            kernel_lines(&[1.0, -0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.25])
+                .lines()
+                .count(),
+            3
+        );
         assert_eq!(what(None), "all filters");
         assert_eq!(what(Some(" task = x ")), "task = x");
         let row = LayerQualityRow {

@@ -174,7 +174,13 @@ impl pb::analytics_server::Analytics for AnalyticsService {
         let pred = self.pred(r.selection.as_ref())?;
         let g = grouping(self.engine.vocabularies(), r.group.as_ref())?;
         let engine = self.engine.clone();
-        let (record, groups) = blocking(move || engine.distributions(&pred, &g).map_err(status)).await?;
+        let scan = r.bins != 0 || r.range_min.is_some() || r.range_max.is_some();
+        let (bins, lo, hi) = (r.bins, r.range_min, r.range_max);
+        let (record, groups) = blocking(move || {
+            if scan { engine.distributions_scan(&pred, &g, bins, (lo, hi)) } else { engine.distributions(&pred, &g) }
+                .map_err(status)
+        })
+        .await?;
         if groups.len() > self.max_groups {
             return Err(Status::resource_exhausted(format!("{} groups exceed the limit of {}", groups.len(), self.max_groups)));
         }
@@ -212,7 +218,8 @@ impl pb::analytics_server::Analytics for AnalyticsService {
         };
         let engine = self.engine.clone();
         let sort = r.sort_by_mean;
-        let m = blocking(move || engine.drift_matrix(&pred, &g, &weights, sort).map_err(status)).await?;
+        let binning = (r.bins, r.range_min, r.range_max);
+        let m = blocking(move || engine.drift_matrix(&pred, &g, &weights, sort, binning).map_err(status)).await?;
         if m.keys.len() > self.max_groups {
             return Err(Status::resource_exhausted(format!("{} groups exceed the limit of {}", m.keys.len(), self.max_groups)));
         }
