@@ -665,25 +665,6 @@ mod tests {
     }
 
     /// Ingest-size layer (WideResNet 1024x1024); run with `--run-ignored only` to see timings.
-    #[test]
-    #[ignore = "timing check, ~1M filters"]
-    fn compute_on_the_largest_layer_size() {
-        let (out, inp) = (1024usize, 1024usize);
-        let f: Vec<f32> = (0..out * inp * 9)
-            .map(|k| ((k * 7919 % 2003) as f32 - 1000.0) / 997.0)
-            .collect();
-        let t = std::time::Instant::now();
-        let s = LayerStats::of(&f);
-        let sums = t.elapsed();
-        let t = std::time::Instant::now();
-        let o = orthogonality(&f, out, inp);
-        eprintln!(
-            "1024x1024 layer: sums {sums:?}, orthogonality {:?} ({o:?})",
-            t.elapsed()
-        );
-        assert_eq!(s.n, (out * inp) as u64);
-        assert!(o.is_some());
-    }
 
     #[test]
     fn covariance_matches_definition() {
