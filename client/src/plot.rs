@@ -1854,3 +1854,14 @@ mod tests {
         assert_eq!(quantile(&[1.0], 0.5), 1.0);
     }
 }
+#[cfg(test)]
+mod debug_tmp {
+    #[test]
+    fn dbg_bearing() {
+        super::ensure_font().unwrap();
+        for c in ['.', '0', '1', '=', 'n', '('] {
+            eprintln!("{c}: adv {} bearing {}", super::text_width(&c.to_string(), 13.0), super::bearing(c, 13.0));
+        }
+        eprintln!("type {}", std::any::type_name::<plotters::prelude::BitMapBackend>());
+    }
+}
