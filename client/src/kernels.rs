@@ -9,7 +9,7 @@ pub const KERNEL_BYTES: usize = 9 * 4;
 
 /// Decodes little-endian float32 bytes into 3x3 kernels (element `k = 3*row + col`).
 pub fn decode_kernels(bytes: &[u8]) -> Result<Vec<[f32; 9]>, ClientError> {
-    if bytes.len() % KERNEL_BYTES != 0 {
+    if !bytes.len().is_multiple_of(KERNEL_BYTES) {
         return Err(ClientError::Protocol(format!(
             "kernel bytes must be a multiple of {KERNEL_BYTES}, got {}",
             bytes.len()

@@ -290,13 +290,14 @@ fn is_svg<DB: DrawingBackend>() -> bool {
     std::any::type_name::<DB>().contains("SVGBackend")
 }
 
-/// Half the side bearings of `c` at `size`: how far right of the pen its ink should start.
+/// How far right of the pen the ink of `c` at `size` must be moved to sit where the font wants.
 ///
-/// plotters' ab_glyph renderer puts every glyph's ink at the pen position, dropping the left
-/// side bearing, so narrow glyphs (`.`, `1`, `(`) drift left and leave gaps ("40. 0%"). Bitmap
-/// text is therefore drawn glyph by glyph, each shifted by this amount; DejaVu's bearings are
-/// nearly symmetric, so half the advance minus the ink width is close to the true bearing. The
-/// ink width is measured once per glyph and size by rendering it.
+/// plotters' ab_glyph renderer places each glyph's pixel box at the pen position, dropping the
+/// whole-pixel part of the left side bearing, so glyphs with wide bearings (`.`, `1`, `(`, `=`)
+/// drift left and leave gaps ("40. 0%"). Bitmap text is therefore drawn glyph by glyph, each
+/// shifted by this amount. DejaVu's bearings are nearly symmetric, so the ink's centre belongs
+/// at half the advance; the shift is that minus the centre of the ink as plotters draws it,
+/// measured once per glyph and size by rendering it.
 fn bearing(c: char, size: f64) -> i32 {
     static CACHE: Mutex<Option<HashMap<(char, u32), i32>>> = Mutex::new(None);
     let key = (c, (size * 10.0).round() as u32);
@@ -307,37 +308,34 @@ fn bearing(c: char, size: f64) -> i32 {
     {
         return v;
     }
-    let adv = text_width(&c.to_string(), size);
-    let s = size.ceil() as i32;
-    let (w, h) = ((adv + 2 * s).max(4) as u32, (3 * s).max(4) as u32);
+    // The advance with sub-pixel precision: widths are whole pixels, so measure 16 copies.
+    let advance = text_width(&c.to_string().repeat(16), size) as f64 / 16.0;
+    let pad = size.ceil() as i32;
+    let (w, h) = ((advance.ceil() as i32 + 2 * pad) as u32, (3 * pad) as u32);
     let mut buf = vec![255u8; w as usize * h as usize * 3];
-    let mut ink: Option<(i32, i32)> = None;
     {
         let area = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         let drawn = area.draw(&Text::new(
             c.to_string(),
-            (s, s),
+            (pad, pad),
             style(size, BLACK, HPos::Left, VPos::Top),
         ));
         if drawn.is_err() {
             return 0;
         }
     }
-    for x in 0..w as i32 {
-        let inked = (0..h as usize).any(|y| {
-            let i = (y * w as usize + x as usize) * 3;
-            buf[i] < 200
-        });
-        if inked {
-            ink = Some(match ink {
-                None => (x, x),
-                Some((a, _)) => (a, x),
-            });
-        }
+    let (mut sum, mut moment) = (0.0, 0.0);
+    for (i, px) in buf.chunks_exact(3).enumerate() {
+        let ink = (255 - px[0]) as f64;
+        let x = (i % w as usize) as f64 + 0.5 - pad as f64;
+        sum += ink;
+        moment += ink * x;
     }
-    let v = match ink {
-        Some((a, b)) => ((adv - (b - a + 1)) as f64 / 2.0).round().max(0.0) as i32,
-        None => 0,
+    let v = if sum > 0.0 {
+        let shift = advance / 2.0 - moment / sum;
+        shift.round().clamp(-2.0, size / 2.0) as i32
+    } else {
+        0
     };
     if let Ok(mut m) = CACHE.lock() {
         m.get_or_insert_with(HashMap::new).insert(key, v);
@@ -1852,16 +1850,5 @@ mod tests {
         );
         assert_eq!(five_numbers(&[f64::NAN]), None);
         assert_eq!(quantile(&[1.0], 0.5), 1.0);
-    }
-}
-#[cfg(test)]
-mod debug_tmp {
-    #[test]
-    fn dbg_bearing() {
-        super::ensure_font().unwrap();
-        for c in ['.', '0', '1', '=', 'n', '('] {
-            eprintln!("{c}: adv {} bearing {}", super::text_width(&c.to_string(), 13.0), super::bearing(c, 13.0));
-        }
-        eprintln!("type {}", std::any::type_name::<plotters::prelude::BitMapBackend>());
     }
 }

@@ -859,7 +859,7 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, work: &Path, t_al
             }).collect())
         };
         let drift = time(&|| {
-            std::hint::black_box(e.drift_matrix(&Pred::True, &Grouping::Field(Field::Task), &Weights::Evr, false).ok());
+            std::hint::black_box(e.drift_matrix(&Pred::True, &Grouping::Field(Field::Task), &Weights::Evr, false, (0, None, None)).ok());
         });
         let basis = time(&|| {
             std::hint::black_box(e.basis(&Pred::True, &Grouping::Field(Field::VisualCategory), false));

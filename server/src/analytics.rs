@@ -108,6 +108,9 @@ pub struct ModelDegeneration {
     pub degenerate_depths: Vec<u32>,
 }
 
+/// One depth-profile cell: (model name, bin label, value, layers aggregated).
+pub type ProfileCell = (String, String, f64, u64);
+
 /// Metric of a depth profile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProfileMetric {
@@ -326,10 +329,10 @@ impl Engine {
 
     /// Records histograms of committed layers in the in-memory state.
     pub(crate) fn remember_histograms(&self, version: u32, hs: Vec<(u64, LayerHistogram)>) {
-        if let Some(p) = self.write_basis().as_mut() {
-            if p.record.version == version {
-                p.hists.extend(hs.into_iter().map(|(id, h)| (id, Arc::new(h))));
-            }
+        if let Some(p) = self.write_basis().as_mut()
+            && p.record.version == version
+        {
+            p.hists.extend(hs.into_iter().map(|(id, h)| (id, Arc::new(h))));
         }
     }
 
@@ -539,7 +542,9 @@ impl Engine {
     /// Models ranked by the share (or count) of degenerate layers.
     pub fn degeneration_ranking(&self, pred: &Pred, opts: &QualityOptions, by_count: bool, limit: usize) -> Result<Vec<ModelDegeneration>> {
         let rows = self.layer_quality(pred, opts, 0)?;
-        let mut per: BTreeMap<u64, (Arc<ModelRecord>, u32, u32, f64, f64, f64, Vec<u32>)> = BTreeMap::new();
+        // model id -> (model, layers, flagged, Σ S·n, Σ H·n, Σ n, flagged depths)
+        type Acc = (Arc<ModelRecord>, u32, u32, f64, f64, f64, Vec<u32>);
+        let mut per: BTreeMap<u64, Acc> = BTreeMap::new();
         for r in rows {
             let e = per.entry(r.model.model_id).or_insert_with(|| (r.model.clone(), 0, 0, 0.0, 0.0, 0.0, Vec::new()));
             let q = &r.quality;
@@ -582,7 +587,13 @@ impl Engine {
     }
 
     /// A metric per model per depth bin, aggregated as the robustness paper does.
-    pub fn depth_profile(&self, pred: &Pred, metric: ProfileMetric, opts: &QualityOptions, binning: Field) -> Result<(Vec<String>, Vec<(String, String, f64, u64)>)> {
+    pub fn depth_profile(
+        &self,
+        pred: &Pred,
+        metric: ProfileMetric,
+        opts: &QualityOptions,
+        binning: Field,
+    ) -> Result<(Vec<String>, Vec<ProfileCell>)> {
         if !matches!(binning, Field::DepthDecile | Field::DepthDecileFirst) {
             return Err(EngineError::InvalidArgument("binning must be depth_decile or depth_decile_first".into()));
         }
@@ -765,6 +776,7 @@ pub struct Profile {
 impl Engine {
     /// Profiles a checkpoint against the database without storing it: per-layer quality, its
     /// coefficient histograms in the pinned basis, and D to every reference group.
+    #[allow(clippy::too_many_arguments)] // each argument is one request field
     pub fn profile_checkpoint(
         &self,
         staged: &std::path::Path,

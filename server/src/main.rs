@@ -13,7 +13,7 @@ use tracing_subscriber::EnvFilter;
 #[command(version)]
 struct Args {
     /// Data directory (created if missing).
-    #[arg(long, env = "FILTERDB_DATA_DIR", default_value = "./filterdb-data")]
+    #[arg(long, global = true, env = "FILTERDB_DATA_DIR", default_value = "./filterdb-data")]
     data_dir: PathBuf,
     /// Address to listen on.
     #[arg(long, env = "FILTERDB_LISTEN", default_value = "127.0.0.1:50051")]
@@ -21,6 +21,25 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, env = "FILTERDB_LOG_FORMAT", default_value = "text")]
     log_format: String,
+    /// Take a snapshot into <data-dir>/snapshots every this many seconds (0: never).
+    #[arg(long, env = "FILTERDB_SNAPSHOT_INTERVAL_SECS", default_value_t = 0)]
+    snapshot_interval_secs: u64,
+    /// Periodic snapshots to keep (0: all).
+    #[arg(long, env = "FILTERDB_SNAPSHOT_RETAIN", default_value_t = 7)]
+    snapshot_retain: usize,
+    /// Without a subcommand: serve.
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+/// Offline commands.
+#[derive(clap::Subcommand, Debug)]
+enum Sub {
+    /// Rebuild a database in --data-dir (new or empty) from a snapshot folder, bit-identically.
+    Restore {
+        /// Snapshot folder (the one holding manifest.json).
+        snapshot: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,12 +50,19 @@ fn main() -> anyhow::Result<()> {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
+    if let Some(Sub::Restore { snapshot }) = &args.command {
+        return filterdb::export::restore_cli(snapshot, &args.data_dir);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let engine = Arc::new(Engine::open(&args.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?);
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+        if args.snapshot_interval_secs > 0 {
+            let every = std::time::Duration::from_secs(args.snapshot_interval_secs);
+            filterdb::export::spawn_periodic(engine.clone(), every, args.snapshot_retain);
+        }
         serve(engine, listener, ServerConfig::default(), shutdown_signal()).await
     })
 }

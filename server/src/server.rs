@@ -53,12 +53,25 @@ pub async fn serve(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     health_reporter.set_serving::<pb::analytics_server::AnalyticsServer<crate::api::analytics::AnalyticsService>>().await;
 
+    let search = pb::search_server::SearchServer::new(crate::api::search::SearchService::new(engine.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    health_reporter.set_serving::<pb::search_server::SearchServer<crate::api::search::SearchService>>().await;
+
+    let snapshots = pb::snapshots_server::SnapshotsServer::new(crate::api::export::SnapshotsService::new(engine.clone(), 0));
+    health_reporter.set_serving::<pb::snapshots_server::SnapshotsServer<crate::api::export::SnapshotsService>>().await;
+    let flight = arrow_flight::flight_service_server::FlightServiceServer::new(crate::api::flight::FlightExportService::new(engine.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
     let reporter = health_reporter.clone();
     let shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: health NOT_SERVING, finishing in-flight calls");
         reporter.set_not_serving::<pb::filter_db_server::FilterDbServer<FilterDbService>>().await;
         reporter.set_not_serving::<pb::analytics_server::AnalyticsServer<crate::api::analytics::AnalyticsService>>().await;
+        reporter.set_not_serving::<pb::search_server::SearchServer<crate::api::search::SearchService>>().await;
+        reporter.set_not_serving::<pb::snapshots_server::SnapshotsServer<crate::api::export::SnapshotsService>>().await;
         reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     };
     tracing::info!(%addr, "FilterDB listening");
@@ -68,6 +81,9 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(service)
         .add_service(analytics)
+        .add_service(search)
+        .add_service(snapshots)
+        .add_service(flight)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     let e = engine.clone();

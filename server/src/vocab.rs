@@ -65,10 +65,10 @@ impl Vocabulary {
         let mut exact = HashMap::new();
         for (i, e) in f.entry.iter().enumerate() {
             for a in std::iter::once(&e.canonical).chain(e.aliases.iter()) {
-                if let Some(prev) = exact.insert(key(a), i) {
-                    if prev != i {
-                        return Err(format!("vocabulary {kind}: alias `{a}` maps to two entries"));
-                    }
+                if let Some(prev) = exact.insert(key(a), i)
+                    && prev != i
+                {
+                    return Err(format!("vocabulary {kind}: alias `{a}` maps to two entries"));
                 }
             }
         }

@@ -141,7 +141,10 @@ async fn basis_and_layer_quality_equal_numpy() {
 }
 
 /// Brute force: every fixture's filters projected with the pinned basis, 70-bin histograms.
-fn brute_histograms(b: &pb::PinnedBasis) -> (f64, f64, Vec<(String, Vec<Vec<u64>>, u64)>) {
+/// (task, 9 histograms, filters) per fixture.
+type TaskHistograms = Vec<(String, Vec<Vec<u64>>, u64)>;
+
+fn brute_histograms(b: &pb::PinnedBasis) -> (f64, f64, TaskHistograms) {
     let basis = b.basis.as_ref().unwrap();
     let mut coefs = Vec::new();
     for (_, file, _, task) in FIXTURES {
@@ -157,8 +160,8 @@ fn brute_histograms(b: &pb::PinnedBasis) -> (f64, f64, Vec<(String, Vec<Vec<u64>
         .map(|(task, cs)| {
             let mut h = vec![vec![0u64; bins]; 9];
             for c in cs {
-                for i in 0..9 {
-                    h[i][bin(c[i], lo, hi, bins).unwrap()] += 1;
+                for (hi_, ci) in h.iter_mut().zip(c) {
+                    hi_[bin(*ci, lo, hi, bins).unwrap()] += 1;
                 }
             }
             (task.clone(), h, cs.len() as u64)
@@ -206,9 +209,9 @@ async fn pinned_basis_distributions_drift_and_density_equal_brute_force_and_pers
     assert_eq!(d.groups.iter().map(|g| g.key.clone()).collect::<Vec<_>>(), brute_sorted.iter().map(|b| b.0.clone()).collect::<Vec<_>>());
     for (g, (task, h, n)) in d.groups.iter().zip(&brute_sorted) {
         assert_eq!(g.n_filters, *n, "{task}");
-        for i in 0..9 {
-            assert_eq!(g.components[i].counts, h[i], "{task} component {i}");
-            assert_eq!(g.components[i].out_of_range, 0);
+        for (i, (comp, hi)) in g.components.iter().zip(h).enumerate() {
+            assert_eq!(&comp.counts, hi, "{task} component {i}");
+            assert_eq!(comp.out_of_range, 0);
         }
     }
 
@@ -252,11 +255,11 @@ async fn pinned_basis_distributions_drift_and_density_equal_brute_force_and_pers
     for r in 0..g {
         for c in 0..g {
             let mut want = 0.0;
-            for i in 0..9 {
+            for (i, w) in evr.iter().enumerate() {
                 let p = prob(&brute_sorted[r].1[i], width);
                 let q = prob(&brute_sorted[c].1[i], width);
                 let s: f64 = p.iter().zip(&q).map(|(p, q)| p * (p / q).ln() + q * (q / p).ln()).sum();
-                want += evr[i] * s;
+                want += w * s;
             }
             close(&format!("D[{r}][{c}]"), m.d[r * g + c], want, 1e-9);
         }

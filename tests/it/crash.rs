@@ -66,7 +66,7 @@ fn big_safetensors(layers: usize, seed: u32) -> Vec<u8> {
         );
     }
     let mut h = serde_json::Value::Object(header).to_string().into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + h.len() + layers * per * 4);

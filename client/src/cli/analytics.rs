@@ -93,6 +93,53 @@ pub struct DistributionsArgs {
     /// Draw ridge plots (9 panels, one ridge per group) into OUT.png or OUT.svg.
     #[arg(long, value_name = "OUT.png|OUT.svg")]
     pub plot: Option<PathBuf>,
+    #[command(flatten)]
+    pub histogram: HistogramFlags,
+}
+
+/// Histogram binning other than the pinned one (computed on demand by a scan of the selection).
+#[derive(Debug, Clone, Default, Args)]
+pub struct HistogramFlags {
+    /// Bins per component instead of the pinned count, e.g. 341 as the v0.1.0 notebook.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub bins: Option<u32>,
+    /// Coefficient range instead of the pinned one, e.g. --range=-3.3,3.3.
+    #[arg(long, value_name = "MIN,MAX", value_parser = parse_range, allow_hyphen_values = true)]
+    pub range: Option<(f64, f64)>,
+}
+
+impl HistogramFlags {
+    fn bins(&self) -> u32 {
+        self.bins.unwrap_or(0)
+    }
+    fn range_min(&self) -> Option<f64> {
+        self.range.map(|r| r.0)
+    }
+    fn range_max(&self) -> Option<f64> {
+        self.range.map(|r| r.1)
+    }
+}
+
+/// Parses `MIN,MAX` (or `MIN:MAX`) with MIN < MAX.
+fn parse_range(s: &str) -> Result<(f64, f64), String> {
+    let (a, b) = s
+        .split_once(',')
+        .or_else(|| s.split_once(':'))
+        .ok_or_else(|| format!("`{s}` is not MIN,MAX"))?;
+    let num = |t: &str| {
+        t.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| format!("`{t}` is not a number"))
+    };
+    let (lo, hi) = (num(a)?, num(b)?);
+    if lo >= hi {
+        return Err(format!(
+            "the range {lo},{hi} is empty (MIN must be below MAX)"
+        ));
+    }
+    Ok((lo, hi))
 }
 
 /// Component weights of the drift.
@@ -122,6 +169,8 @@ pub struct DriftArgs {
     /// Draw the matrix as a heatmap into OUT.png or OUT.svg.
     #[arg(long, value_name = "OUT.png|OUT.svg")]
     pub plot: Option<PathBuf>,
+    #[command(flatten)]
+    pub histogram: HistogramFlags,
 }
 
 /// Options of the quality metrics, shared by quality, degenerate and depth-profile.
@@ -719,7 +768,9 @@ pub async fn distributions(ctx: &Ctx, a: DistributionsArgs) -> anyhow::Result<()
             .distributions(DistributionsRequest {
                 selection: sel,
                 group: group_spec(a.group_by),
-                ..Default::default()
+                bins: a.histogram.bins(),
+                range_min: a.histogram.range_min(),
+                range_max: a.histogram.range_max(),
             })
             .await,
     )?;
@@ -843,7 +894,9 @@ pub async fn drift(ctx: &Ctx, a: DriftArgs) -> anyhow::Result<()> {
                 weights: weights as i32,
                 custom_weights: vec![],
                 sort_by_mean: a.sort,
-                ..Default::default()
+                bins: a.histogram.bins(),
+                range_min: a.histogram.range_min(),
+                range_max: a.histogram.range_max(),
             })
             .await,
     )?;
@@ -1370,6 +1423,16 @@ mod tests {
             let e = quality_expr(Some(m), Some("task = Classification")).unwrap();
             assert!(selection(Some(&e)).is_ok(), "{e}");
         }
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("-3.3,3.3"), Ok((-3.3, 3.3)));
+        assert_eq!(parse_range(" -1 : 2 "), Ok((-1.0, 2.0)));
+        assert!(parse_range("2,1").is_err());
+        assert!(parse_range("1").is_err());
+        assert!(parse_range("a,1").is_err());
+        assert!(parse_range("nan,1").is_err());
     }
 
     #[test]

@@ -187,10 +187,8 @@ impl FileBar {
         match IngestPhase::try_from(p.phase) {
             // Upload progress comes from both ends (bytes sent here, bytes received there);
             // only moving forward keeps the bar from jittering between them.
-            Ok(IngestPhase::Receiving) => {
-                if p.bytes_received > self.bar.position() {
-                    self.bar.set_position(p.bytes_received);
-                }
+            Ok(IngestPhase::Receiving) if p.bytes_received > self.bar.position() => {
+                self.bar.set_position(p.bytes_received);
             }
             Ok(IngestPhase::Statistics) | Ok(IngestPhase::Writing) if p.layers_total > 0 => {
                 self.bar.set_length(p.layers_total as u64);

@@ -608,6 +608,25 @@ mod tests {
         assert_eq!(a.weights, analytics::WeightsArg::Uniform);
         assert!(a.sort);
         assert!(parse(&["drift"]).is_err(), "--group-by is required");
+        let Command::Distributions(a) = parse(&[
+            "distributions",
+            "--bins",
+            "341",
+            "--range",
+            "-3.3,3.3",
+            "--group-by",
+            "dataset",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(a.histogram.bins, Some(341));
+        assert_eq!(a.histogram.range, Some((-3.3, 3.3)));
+        assert_eq!(a.group_by, Some(Field::TrainingDataset));
+        assert!(parse(&["drift", "--group-by", "task", "--range=-1,1"]).is_ok());
+        assert!(parse(&["drift", "--group-by", "task", "--range", "1,-1"]).is_err());
 
         let Command::Quality(a) = parse(&["quality", "resnet", "--eps", "0.05", "--non-strict"])
             .unwrap()

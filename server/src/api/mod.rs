@@ -3,6 +3,9 @@
 
 pub mod analytics;
 pub mod convert;
+pub mod export;
+pub mod flight;
+pub mod search;
 
 use std::io::Write;
 use std::pin::Pin;

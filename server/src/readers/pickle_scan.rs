@@ -555,7 +555,7 @@ impl Machine<'_> {
     }
 
     fn set_items(&mut self, items: Vec<Val>) -> Result<(), ScanError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.malformed("dict items do not come in key/value pairs"));
         }
         let target = self.top()?.clone();

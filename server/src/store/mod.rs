@@ -440,8 +440,7 @@ impl Store {
         }
         ro.set_iterate_upper_bound(block_key(layer.layer_id, last_block + 1).to_vec());
         let from = block_key(layer.layer_id, first_block);
-        let mut expected = first_block;
-        for item in self.db.iterator_cf_opt(cf, ro, IteratorMode::From(&from, Direction::Forward)) {
+        for (expected, item) in (first_block..).zip(self.db.iterator_cf_opt(cf, ro, IteratorMode::From(&from, Direction::Forward))) {
             let (k, v) = item?;
             let block = u32::from_be_bytes(k.get(8..12).and_then(|b| b.try_into().ok()).ok_or_else(|| {
                 StoreError::Corrupt { cf: CF_FILTER_BLOCKS, detail: "short block key".into() }
@@ -459,7 +458,6 @@ impl Store {
             for c in v[lo * FILTER_BYTES..hi * FILTER_BYTES].chunks_exact(4) {
                 out.push(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
             }
-            expected += 1;
         }
         if out.len() as u64 != (end - start) * 9 {
             return Err(StoreError::Corrupt {

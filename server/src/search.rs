@@ -1,0 +1,655 @@
+//! Nearest-neighbour search over stored filters, exact mode: a multi-threaded scan of the
+//! layer-contiguous filter blocks of the selected layers only, with a bounded heap per work
+//! item, merged at the end. Recall is 1.0 by construction.
+//!
+//! Conventions, fixed here once (the proto `search.proto` documents them for clients):
+//! - every space maps a filter f and the query q through one transform T and the distance is
+//!   the squared Euclidean distance Σ_k (T(f)_k − T(q)_k)², summed in f64 in element order
+//!   k = 0..dim, so a naive loop reproduces it bit for bit (the vectorised kernel computes 8
+//!   filters per step in lanes, each lane in that same order; no reassociation, no FMA);
+//! - values are widened from f32 to f64 before any arithmetic (as `stats.rs` does);
+//! - raw: T(f) = f; scaled: f / max_k |f_k| (stats.rs's L∞ scaling in f64; zero stays zero);
+//!   cosine: f / ‖f‖₂ in f64 (zero stays zero), so the distance is 2 − 2cos; basis: the first m
+//!   coefficients `quality::project(basis, quality::scale_linf(f))` in the pinned basis, exactly
+//!   the coefficients its histograms bin;
+//! - sign invariance: d = min(d(T(f), T(q)), d(T(f), T(−q))), `sign_flipped` when the second is
+//!   strictly smaller;
+//! - ranking by (distance, filter id) ascending (`f64::total_cmp`; a NaN distance, from a
+//!   stored non-finite value, ranks last);
+//! - filter-level sparsity follows `stats.rs`: t = ε · max|w| of the layer (1 for an all-zero
+//!   layer), sparse when max_k |f_k| < t (≤ t non-strict).
+
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::analytics::record_basis;
+use crate::catalog::CatalogLayer;
+use crate::engine::{Engine, EngineError, Result};
+use crate::quality::{self, Basis};
+use crate::selection::Pred;
+use crate::store::keys::BLOCK_FILTERS;
+use crate::store::records::ModelRecord;
+
+/// Neighbours returned when a request leaves k at 0.
+pub const DEFAULT_K: usize = 10;
+/// Largest k a server accepts unless configured otherwise.
+pub const DEFAULT_MAX_K: usize = 1000;
+/// Filters per scan work item (16 blocks): large enough to amortise a RocksDB seek, small
+/// enough to spread one big layer over every core.
+const SCAN_CHUNK: u64 = 16 * BLOCK_FILTERS;
+/// Filters per vectorised step.
+const LANES: usize = 8;
+
+/// The space distances are measured in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Space {
+    /// The stored values.
+    Raw,
+    /// L∞-scaled filters.
+    Scaled,
+    /// L2-normalised filters (squared distance = 2 − 2cos).
+    Cosine,
+    /// The first `components` (1..=9) coefficients in the pinned reference basis.
+    Basis {
+        /// Leading components used.
+        components: usize,
+    },
+}
+
+/// The query kernel, given or stored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Query {
+    /// Nine values, row-major.
+    Kernel([f32; 9]),
+    /// A stored filter.
+    FilterId(u64),
+}
+
+/// Conditions on single filters, evaluated after the layer selection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FilterConditions {
+    /// Skip filters whose 9 values are all zero.
+    pub exclude_zero: bool,
+    /// Skip sparse filters (see the module doc).
+    pub exclude_sparse: bool,
+    /// ε of the sparsity threshold, relative to the layer max.
+    pub sparse_eps: f64,
+    /// `<` (strict, the default) or `≤`.
+    pub sparse_strict: bool,
+}
+
+impl Default for FilterConditions {
+    fn default() -> Self {
+        FilterConditions {
+            exclude_zero: false,
+            exclude_sparse: false,
+            sparse_eps: crate::stats::CLEAN_EPS,
+            sparse_strict: true,
+        }
+    }
+}
+
+/// Which algorithm answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A full scan of the candidates.
+    Exact,
+}
+
+/// One nearest-neighbour query.
+#[derive(Debug, Clone)]
+pub struct NearestQuery {
+    /// The query kernel.
+    pub query: Query,
+    /// Neighbours wanted (≥ 1).
+    pub k: usize,
+    /// Space.
+    pub space: Space,
+    /// f and −f count as the same shape.
+    pub sign_invariant: bool,
+    /// Layers searched.
+    pub selection: Pred,
+    /// Filter-level conditions.
+    pub conditions: FilterConditions,
+    /// Leave the query filter out (filter-id queries).
+    pub exclude_query_filter: bool,
+}
+
+/// One neighbour with its owners.
+#[derive(Debug, Clone)]
+pub struct Neighbor {
+    /// Stored filter id.
+    pub filter_id: u64,
+    /// Squared distance in the query's space.
+    pub distance: f64,
+    /// The stored kernel.
+    pub kernel: [f32; 9],
+    /// Sign-invariant search: −q matched better.
+    pub sign_flipped: bool,
+    /// Owning model.
+    pub model: Arc<ModelRecord>,
+    /// Owning layer.
+    pub layer: Arc<CatalogLayer>,
+    /// Index within the layer (o · in_channels + i).
+    pub index_in_layer: u64,
+}
+
+impl Neighbor {
+    /// Output channel o.
+    pub fn out_channel(&self) -> u32 {
+        (self.index_in_layer / u64::from(self.layer.record.in_channels.max(1))) as u32
+    }
+
+    /// Input channel i.
+    pub fn in_channel(&self) -> u32 {
+        (self.index_in_layer % u64::from(self.layer.record.in_channels.max(1))) as u32
+    }
+}
+
+/// The answer to a query, with how it was computed.
+#[derive(Debug, Clone)]
+pub struct NearestAnswer {
+    /// Nearest first, ties by lower filter id.
+    pub neighbors: Vec<Neighbor>,
+    /// Algorithm used.
+    pub mode: Mode,
+    /// Space used.
+    pub space: Space,
+    /// k used.
+    pub k: usize,
+    /// Whether sign invariant.
+    pub sign_invariant: bool,
+    /// Pinned basis version (basis space).
+    pub basis_version: Option<u32>,
+    /// The query kernel (the stored one for a filter-id query).
+    pub query_kernel: [f32; 9],
+    /// Selected layers.
+    pub layers_scanned: u64,
+    /// Filters read.
+    pub filters_scanned: u64,
+    /// Wall time of the search.
+    pub elapsed: std::time::Duration,
+}
+
+/// A space with what its transform needs.
+enum Metric {
+    Raw,
+    Scaled,
+    Cosine,
+    Basis(Box<Basis>, usize),
+}
+
+impl Metric {
+    fn dim(&self) -> usize {
+        match self {
+            Metric::Basis(_, m) => *m,
+            _ => 9,
+        }
+    }
+
+    /// T(f): the one definition of each space (see the module doc).
+    fn transform(&self, f: &[f32; 9]) -> [f64; 9] {
+        match self {
+            Metric::Raw => f.map(f64::from),
+            Metric::Scaled => {
+                let x = f.map(f64::from);
+                let m = x.iter().fold(0f64, |m, v| m.max(v.abs()));
+                let d = if m > 0.0 { m } else { 1.0 };
+                x.map(|v| v / d)
+            }
+            Metric::Cosine => {
+                let x = f.map(f64::from);
+                let s = x.iter().fold(0f64, |a, v| a + v * v).sqrt();
+                let d = if s > 0.0 { s } else { 1.0 };
+                x.map(|v| v / d)
+            }
+            Metric::Basis(b, _) => quality::project(b, &quality::scale_linf(f)),
+        }
+    }
+}
+
+/// Squared distance of the first `dim` coordinates, summed in order.
+fn sq_dist(a: &[f64; 9], b: &[f64; 9], dim: usize) -> f64 {
+    let mut acc = 0f64;
+    for k in 0..dim {
+        let t = a[k] - b[k];
+        acc += t * t;
+    }
+    acc
+}
+
+/// A candidate in a heap: ordered by (distance, filter id), NaN last.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    distance: f64,
+    filter_id: u64,
+    kernel: [f32; 9],
+    flipped: bool,
+    slot: usize,
+    index: u64,
+}
+
+impl PartialEq for Candidate {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == std::cmp::Ordering::Equal
+    }
+}
+impl Eq for Candidate {}
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Candidate {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.distance.total_cmp(&o.distance).then(self.filter_id.cmp(&o.filter_id))
+    }
+}
+
+/// The k best candidates seen so far (a max-heap on the worst kept).
+struct TopK {
+    k: usize,
+    heap: BinaryHeap<Candidate>,
+}
+
+impl TopK {
+    fn new(k: usize) -> Self {
+        TopK { k, heap: BinaryHeap::with_capacity(k + 1) }
+    }
+
+    /// Distance a candidate must not exceed to be considered (∞ until the heap is full).
+    fn bound(&self) -> f64 {
+        if self.heap.len() < self.k { f64::INFINITY } else { self.heap.peek().map_or(f64::INFINITY, |c| c.distance) }
+    }
+
+    fn offer(&mut self, c: Candidate) {
+        if self.heap.len() < self.k {
+            self.heap.push(c);
+        } else if self.heap.peek().is_some_and(|w| c < *w) {
+            self.heap.pop();
+            self.heap.push(c);
+        }
+    }
+}
+
+/// What a scan needs, shared by the work items.
+struct ScanSpec<'a> {
+    metric: &'a Metric,
+    q: [f64; 9],
+    q_neg: Option<[f64; 9]>,
+    conditions: FilterConditions,
+    skip_id: Option<u64>,
+}
+
+impl ScanSpec<'_> {
+    /// Distances of `LANES` filters at once (`chunk` holds LANES·9 values), each lane summed in
+    /// the same order as [`sq_dist`].
+    fn lanes(&self, chunk: &[f32], d: &mut [f64; LANES], flip: &mut [bool; LANES], raw_max: &mut [f64; LANES]) {
+        let mut x = [[0f64; LANES]; 9];
+        for (l, f) in chunk.chunks_exact(9).enumerate().take(LANES) {
+            for (k, v) in f.iter().enumerate() {
+                x[k][l] = f64::from(*v);
+            }
+        }
+        let mut m = [0f64; LANES];
+        for row in &x {
+            for l in 0..LANES {
+                m[l] = m[l].max(row[l].abs());
+            }
+        }
+        *raw_max = m;
+        match self.metric {
+            Metric::Raw => {}
+            Metric::Scaled => {
+                let den = m.map(|v| if v > 0.0 { v } else { 1.0 });
+                for row in x.iter_mut() {
+                    for l in 0..LANES {
+                        row[l] /= den[l];
+                    }
+                }
+            }
+            Metric::Cosine => {
+                let mut s = [0f64; LANES];
+                for row in &x {
+                    for l in 0..LANES {
+                        s[l] += row[l] * row[l];
+                    }
+                }
+                let den = s.map(|v| {
+                    let r = v.sqrt();
+                    if r > 0.0 { r } else { 1.0 }
+                });
+                for row in x.iter_mut() {
+                    for l in 0..LANES {
+                        row[l] /= den[l];
+                    }
+                }
+            }
+            Metric::Basis(..) => unreachable!("basis space uses the per-filter path"),
+        }
+        let mut acc = [0f64; LANES];
+        for (row, qk) in x.iter().zip(&self.q) {
+            for l in 0..LANES {
+                let t = row[l] - qk;
+                acc[l] += t * t;
+            }
+        }
+        *flip = [false; LANES];
+        if let Some(qn) = &self.q_neg {
+            let mut acc2 = [0f64; LANES];
+            for (row, qk) in x.iter().zip(qn) {
+                for l in 0..LANES {
+                    let t = row[l] - qk;
+                    acc2[l] += t * t;
+                }
+            }
+            for l in 0..LANES {
+                if acc2[l] < acc[l] {
+                    acc[l] = acc2[l];
+                    flip[l] = true;
+                }
+            }
+        }
+        *d = acc;
+    }
+
+    /// Distance of one filter (tail of a chunk, and the basis space).
+    fn one(&self, f: &[f32; 9]) -> (f64, bool) {
+        let t = self.metric.transform(f);
+        let dim = self.metric.dim();
+        let d = sq_dist(&t, &self.q, dim);
+        match &self.q_neg {
+            Some(qn) => {
+                let d2 = sq_dist(&t, qn, dim);
+                if d2 < d { (d2, true) } else { (d, false) }
+            }
+            None => (d, false),
+        }
+    }
+
+    /// Whether the filter conditions drop a filter with this max |f|.
+    fn dropped(&self, raw_max: f64, threshold: f64) -> bool {
+        let c = &self.conditions;
+        (c.exclude_zero && raw_max == 0.0)
+            || (c.exclude_sparse && if c.sparse_strict { raw_max < threshold } else { raw_max <= threshold })
+    }
+
+    /// Scans filters `[start, end)` of one layer (values in `vals`) into `top`.
+    fn scan(&self, slot: usize, layer: &CatalogLayer, start: u64, vals: &[f32], top: &mut TopK) {
+        let first_id = layer.record.first_filter_id + start;
+        let abs_max = layer.stats.abs_max;
+        let threshold = if abs_max == 0.0 { 1.0 } else { self.conditions.sparse_eps * abs_max };
+        let mut consider = |i: usize, d: f64, flipped: bool, raw_max: f64, top: &mut TopK| {
+            let id = first_id + i as u64;
+            let d = if d.is_nan() { f64::NAN } else { d };
+            // Cheap reject first: most filters are farther than the current k-th.
+            if d > top.bound() || self.skip_id == Some(id) || self.dropped(raw_max, threshold) {
+                return;
+            }
+            let mut kernel = [0f32; 9];
+            kernel.copy_from_slice(&vals[i * 9..i * 9 + 9]);
+            top.offer(Candidate { distance: d, filter_id: id, kernel, flipped, slot, index: start + i as u64 });
+        };
+        let n = vals.len() / 9;
+        let mut i = 0;
+        if !matches!(self.metric, Metric::Basis(..)) {
+            let (mut d, mut flip, mut m) = ([0f64; LANES], [false; LANES], [0f64; LANES]);
+            while i + LANES <= n {
+                self.lanes(&vals[i * 9..(i + LANES) * 9], &mut d, &mut flip, &mut m);
+                for l in 0..LANES {
+                    consider(i + l, d[l], flip[l], m[l], top);
+                }
+                i += LANES;
+            }
+        }
+        while i < n {
+            let mut f = [0f32; 9];
+            f.copy_from_slice(&vals[i * 9..i * 9 + 9]);
+            let (d, flipped) = self.one(&f);
+            let raw_max = f.iter().fold(0f64, |m, v| m.max(f64::from(*v).abs()));
+            consider(i, d, flipped, raw_max, top);
+            i += 1;
+        }
+    }
+}
+
+fn check_kernel(k: &[f32; 9], what: &str) -> Result<()> {
+    if let Some(j) = k.iter().position(|v| !v.is_finite()) {
+        return Err(EngineError::InvalidArgument(format!(
+            "{what}: value {j} (row {}, column {}) is {}; kernels must be finite",
+            j / 3,
+            j % 3,
+            k[j]
+        )));
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// The k stored filters nearest to the query among the selected layers, by a full scan
+    /// (exact: recall 1.0). `max_k` bounds k. Blocking; runs the scan on the rayon pool.
+    pub fn nearest(&self, q: &NearestQuery, max_k: usize) -> Result<NearestAnswer> {
+        let started = Instant::now();
+        if q.k == 0 || q.k > max_k {
+            return Err(EngineError::InvalidArgument(format!("k must be between 1 and {max_k}, got {}", q.k)));
+        }
+        let c = &q.conditions;
+        if c.exclude_sparse && !(c.sparse_eps > 0.0 && c.sparse_eps < 1.0) {
+            return Err(EngineError::InvalidArgument(format!(
+                "sparse_eps must be in (0, 1), got {}",
+                c.sparse_eps
+            )));
+        }
+        let (metric, basis_version) = match q.space {
+            Space::Raw => (Metric::Raw, None),
+            Space::Scaled => (Metric::Scaled, None),
+            Space::Cosine => (Metric::Cosine, None),
+            Space::Basis { components } => {
+                if !(1..=9).contains(&components) {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "components must be between 1 and 9, got {components}"
+                    )));
+                }
+                let b = self.read_basis();
+                let p = b.as_ref().ok_or_else(|| {
+                    EngineError::FailedPrecondition(
+                        "the basis space needs a pinned reference basis: pin one first (PinBasis RPC, `filterdb pin-basis`)"
+                            .into(),
+                    )
+                })?;
+                (Metric::Basis(Box::new(record_basis(&p.record)), components), Some(p.record.version))
+            }
+        };
+        if let Query::Kernel(k) = &q.query {
+            check_kernel(k, "query kernel")?;
+        }
+
+        // Plan under the catalogue lock, and take the snapshot there too: every layer the
+        // catalogue lists has its blocks in the snapshot (commits precede catalogue updates).
+        let db = self.store.db();
+        let (layers, snapshot, query_kernel) = {
+            let cat = self.read_catalog();
+            let snapshot = db.snapshot();
+            let query_kernel = match q.query {
+                Query::Kernel(k) => k,
+                Query::FilterId(id) => {
+                    let l = cat.layer_of_filter(id).ok_or_else(|| {
+                        EngineError::NotFound(format!(
+                            "filter id {id} is not stored (deleted, or beyond the last filter id {})",
+                            cat.next_ids.filter.saturating_sub(1)
+                        ))
+                    })?;
+                    let idx = id - l.record.first_filter_id;
+                    let v = self.store.read_layer_filters(Some(&snapshot), &l.record, idx, idx + 1)?;
+                    let mut k = [0f32; 9];
+                    k.copy_from_slice(v.get(..9).ok_or_else(|| {
+                        EngineError::NotFound(format!("filter id {id}: its layer holds no such filter"))
+                    })?);
+                    check_kernel(&k, &format!("stored filter {id}"))?;
+                    k
+                }
+            };
+            let mut layers: Vec<(Arc<ModelRecord>, Arc<CatalogLayer>)> = Vec::new();
+            cat.for_each_selected_arc(&q.selection, |m, l| layers.push((m.clone(), l.clone())));
+            (layers, snapshot, query_kernel)
+        };
+
+        let neg = query_kernel.map(|v| -v);
+        let spec = ScanSpec {
+            q: metric.transform(&query_kernel),
+            q_neg: q.sign_invariant.then(|| metric.transform(&neg)),
+            metric: &metric,
+            conditions: q.conditions,
+            skip_id: match q.query {
+                Query::FilterId(id) if q.exclude_query_filter => Some(id),
+                _ => None,
+            },
+        };
+        let mut items: Vec<(usize, u64, u64)> = Vec::new();
+        for (slot, (_, l)) in layers.iter().enumerate() {
+            let mut s = 0;
+            while s < l.record.n_filters {
+                let e = (s + SCAN_CHUNK).min(l.record.n_filters);
+                items.push((slot, s, e));
+                s = e;
+            }
+        }
+        let parts: Vec<TopK> = items
+            .par_iter()
+            .map(|&(slot, s, e)| -> Result<TopK> {
+                let layer = &layers[slot].1;
+                let mut top = TopK::new(q.k);
+                match self.store.read_layer_filters(Some(&snapshot), &layer.record, s, e) {
+                    Ok(vals) => spec.scan(slot, layer, s, &vals, &mut top),
+                    Err(err) if self.layer_deleted(layer.record.layer_id) => {
+                        tracing::debug!(layer = layer.record.layer_id, %err, "layer deleted during a search; skipped");
+                    }
+                    Err(err) => return Err(err.into()),
+                }
+                Ok(top)
+            })
+            .collect::<Result<_>>()?;
+        drop(snapshot);
+        let mut all: Vec<Candidate> = parts.into_iter().flat_map(|t| t.heap.into_vec()).collect();
+        all.sort_unstable();
+        all.truncate(q.k);
+        let neighbors = all
+            .into_iter()
+            .map(|c| {
+                let (m, l) = &layers[c.slot];
+                Neighbor {
+                    filter_id: c.filter_id,
+                    distance: c.distance,
+                    kernel: c.kernel,
+                    sign_flipped: c.flipped,
+                    model: m.clone(),
+                    layer: l.clone(),
+                    index_in_layer: c.index,
+                }
+            })
+            .collect();
+        Ok(NearestAnswer {
+            neighbors,
+            mode: Mode::Exact,
+            space: q.space,
+            k: q.k,
+            sign_invariant: q.sign_invariant,
+            basis_version,
+            query_kernel,
+            layers_scanned: layers.len() as u64,
+            filters_scanned: layers.iter().map(|(_, l)| l.record.n_filters).sum(),
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// After a failed block read: whether the layer was deleted (a delete commits to the store
+    /// before it updates the catalogue, both under the write lock, so waiting for that lock
+    /// settles the question).
+    fn layer_deleted(&self, layer_id: u64) -> bool {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.read_catalog().layer(layer_id).is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(metric: &Metric, q: &[f32; 9], sign: bool) -> ScanSpec<'static> {
+        // Leak for the test's 'static borrow; a handful of bytes per test.
+        let metric: &'static Metric = Box::leak(Box::new(match metric {
+            Metric::Raw => Metric::Raw,
+            Metric::Scaled => Metric::Scaled,
+            Metric::Cosine => Metric::Cosine,
+            Metric::Basis(b, m) => Metric::Basis(b.clone(), *m),
+        }));
+        let neg = q.map(|v| -v);
+        ScanSpec {
+            q: metric.transform(q),
+            q_neg: sign.then(|| metric.transform(&neg)),
+            metric,
+            conditions: FilterConditions::default(),
+            skip_id: None,
+        }
+    }
+
+    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                // Some exact zeros and repeated values, to exercise zero filters and ties.
+                if i % 41 < 9 { 0.0 } else { ((x % 7) as f32 - 3.0) * 0.25 }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lanes_equal_the_per_filter_path_bit_for_bit() {
+        let vals = pseudo_random(9 * 64, 7);
+        for metric in [Metric::Raw, Metric::Scaled, Metric::Cosine] {
+            for sign in [false, true] {
+                let s = spec(&metric, &[0.5, -0.25, 0.0, 1.0, 0.75, -1.0, 0.25, 0.0, -0.5], sign);
+                for chunk in vals.chunks_exact(9 * LANES) {
+                    let (mut d, mut fl, mut m) = ([0f64; LANES], [false; LANES], [0f64; LANES]);
+                    s.lanes(chunk, &mut d, &mut fl, &mut m);
+                    for (l, f) in chunk.chunks_exact(9).enumerate() {
+                        let f: [f32; 9] = f.try_into().unwrap();
+                        let (d1, fl1) = s.one(&f);
+                        assert_eq!(d[l].to_bits(), d1.to_bits());
+                        assert_eq!(fl[l], fl1);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_keeps_the_smallest_with_ties_by_id() {
+        let mut t = TopK::new(3);
+        let c = |d: f64, id: u64| Candidate { distance: d, filter_id: id, kernel: [0.0; 9], flipped: false, slot: 0, index: 0 };
+        for (d, id) in [(1.0, 5), (1.0, 2), (0.5, 9), (1.0, 1), (f64::NAN, 0), (2.0, 3)] {
+            t.offer(c(d, id));
+        }
+        let mut v = t.heap.into_vec();
+        v.sort();
+        let got: Vec<u64> = v.iter().map(|c| c.filter_id).collect();
+        assert_eq!(got, vec![9, 1, 2]);
+    }
+
+    #[test]
+    fn spaces_follow_their_definitions() {
+        let f = [3.0f32, 0.0, -4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        assert_eq!(Metric::Scaled.transform(&f)[2], -1.0);
+        assert_eq!(Metric::Cosine.transform(&f)[0], 0.6);
+        assert_eq!(Metric::Cosine.transform(&[0.0; 9]), [0.0; 9]);
+        // Sign invariance finds −f at distance 0.
+        let s = spec(&Metric::Raw, &f, true);
+        assert_eq!(s.one(&f.map(|v| -v)), (0.0, true));
+    }
+}
