@@ -249,7 +249,11 @@ fn ink_on(bg: RGBColor) -> RGBColor {
     if l > 140.0 { INK } else { WHITE }
 }
 
+/// The font at `size` pixels, rounded to an even number: plotters' ab_glyph renderer puts each
+/// glyph at `trunc(size / 2 + top)`, which rounds glyphs above and below that line in opposite
+/// directions when size / 2 is fractional (a `.` then floats a pixel above the baseline).
 fn font(size: f64) -> FontDesc<'static> {
+    let size = ((size / 2.0).round() * 2.0).max(2.0);
     FontDesc::new(FontFamily::SansSerif, size, FontStyle::Normal)
 }
 

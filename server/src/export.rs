@@ -52,8 +52,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, DictionaryArray, FixedSizeListArray, Float32Array, Float64Array, Int64Array,
-    ListBuilder, StringArray, StringBuilder, UInt32Array, UInt32Builder, UInt64Array, UInt64Builder,
+    Array, ArrayRef, AsArray, DictionaryArray, FixedSizeListArray, Float32Array, Float64Array,
+    Int64Array, ListBuilder, StringArray, StringBuilder, UInt32Array, UInt32Builder, UInt64Array,
+    UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, FieldRef, Int32Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -197,8 +198,15 @@ impl Engine {
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let catalog = self.read_catalog().clone();
         let snapshot = self.store.db().snapshot();
-        let basis = self.read_basis().as_ref().map(|p| (p.record.clone(), p.hists.clone()));
-        View { catalog, snapshot, basis }
+        let basis = self
+            .read_basis()
+            .as_ref()
+            .map(|p| (p.record.clone(), p.hists.clone()));
+        View {
+            catalog,
+            snapshot,
+            basis,
+        }
     }
 
     /// The folder periodic and unnamed snapshots go to (`<data dir>/snapshots`).
@@ -208,7 +216,11 @@ impl Engine {
     }
 
     /// Writes a snapshot of the whole database to `out` (which must not exist).
-    pub fn snapshot_to(&self, out: &Path, progress: &(dyn Fn(Progress) + Sync)) -> Result<DatasetSummary> {
+    pub fn snapshot_to(
+        &self,
+        out: &Path,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<DatasetSummary> {
         let view = self.consistent_view();
         let sel = select(&view.catalog, &Pred::True, true);
         write_dataset(&self.store, &view, &sel, "snapshot", "", out, progress)
@@ -229,10 +241,17 @@ impl Engine {
 
     /// Writes a snapshot under [`Engine::snapshot_root`] named by the time, then keeps only the
     /// newest `retain` complete snapshots there (0 keeps all) and removes crash debris.
-    pub fn snapshot_auto(&self, retain: usize, progress: &(dyn Fn(Progress) + Sync)) -> Result<DatasetSummary> {
+    pub fn snapshot_auto(
+        &self,
+        retain: usize,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<DatasetSummary> {
         let root = self.snapshot_root();
         std::fs::create_dir_all(&root).map_err(|e| io_err(&root, "cannot create", e))?;
-        let name = format!("snapshot-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"));
+        let name = format!(
+            "snapshot-{}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ")
+        );
         let summary = self.snapshot_to(&root.join(name), progress)?;
         prune_snapshots(&root, retain)?;
         Ok(summary)
@@ -281,14 +300,28 @@ fn select(c: &Catalog, pred: &Pred, all_models: bool) -> Selected {
     c.for_each_selected_arc(pred, |m, l| {
         model_ids.insert(m.model_id);
         layers.push(l.clone());
-        partitions.entry(partition_of(m)).or_default().push(l.clone());
+        partitions
+            .entry(partition_of(m))
+            .or_default()
+            .push(l.clone());
     });
-    let models = c.models_after(None).filter(|m| all_models || model_ids.contains(&m.model_id)).cloned().collect();
-    Selected { models, layers, partitions }
+    let models = c
+        .models_after(None)
+        .filter(|m| all_models || model_ids.contains(&m.model_id))
+        .cloned()
+        .collect();
+    Selected {
+        models,
+        layers,
+        partitions,
+    }
 }
 
 fn partition_of(m: &ModelRecord) -> (String, String) {
-    (m.meta.task.canonical.clone(), m.meta.visual_category.canonical.clone())
+    (
+        m.meta.task.canonical.clone(),
+        m.meta.visual_category.canonical.clone(),
+    )
 }
 
 /// A hive path segment value: percent-encoded outside `[A-Za-z0-9._-]`, empty → NULL marker.
@@ -343,8 +376,18 @@ struct FilterRows<'a> {
 }
 
 impl<'a> FilterRows<'a> {
-    fn new(store: &'a Store, snapshot: &'a rocksdb::Snapshot<'a>, layers: &'a [Arc<CatalogLayer>]) -> Self {
-        FilterRows { store, snapshot, layers, layer: 0, pos: 0 }
+    fn new(
+        store: &'a Store,
+        snapshot: &'a rocksdb::Snapshot<'a>,
+        layers: &'a [Arc<CatalogLayer>],
+    ) -> Self {
+        FilterRows {
+            store,
+            snapshot,
+            layers,
+            layer: 0,
+            pos: 0,
+        }
     }
 
     /// The next up to `max` rows as the filter columns (without partition columns).
@@ -366,7 +409,9 @@ impl<'a> FilterRows<'a> {
                 continue;
             }
             let end = (self.pos + (max - filter_id.len()) as u64).min(r.n_filters);
-            let vals = self.store.read_layer_filters(Some(self.snapshot), r, self.pos, end)?;
+            let vals = self
+                .store
+                .read_layer_filters(Some(self.snapshot), r, self.pos, end)?;
             kernel.extend_from_slice(&vals);
             let in_c = u64::from(r.in_channels.max(1));
             for k in self.pos..end {
@@ -384,8 +429,13 @@ impl<'a> FilterRows<'a> {
         if filter_id.is_empty() {
             return Ok(None);
         }
-        let kernel = FixedSizeListArray::try_new(kernel_item(), 9, Arc::new(Float32Array::from(kernel)), None)
-            .map_err(|e| EngineError::FailedPrecondition(format!("arrow: {e}")))?;
+        let kernel = FixedSizeListArray::try_new(
+            kernel_item(),
+            9,
+            Arc::new(Float32Array::from(kernel)),
+            None,
+        )
+        .map_err(|e| EngineError::FailedPrecondition(format!("arrow: {e}")))?;
         Ok(Some(vec![
             Arc::new(UInt64Array::from(filter_id)),
             Arc::new(UInt64Array::from(model_id)),
@@ -422,12 +472,19 @@ impl Write for HashingWriter {
 impl HashingWriter {
     fn create(path: &Path) -> Result<Self> {
         let f = File::create(path).map_err(|e| io_err(path, "cannot create", e))?;
-        Ok(HashingWriter { inner: BufWriter::with_capacity(1 << 20, f), hasher: Sha256::new(), bytes: 0 })
+        Ok(HashingWriter {
+            inner: BufWriter::with_capacity(1 << 20, f),
+            hasher: Sha256::new(),
+            bytes: 0,
+        })
     }
 
     /// Flushes, fsyncs and returns (bytes, sha256).
     fn finish(self, path: &Path) -> Result<(u64, String)> {
-        let f = self.inner.into_inner().map_err(|e| io_err(path, "cannot write", e.error()))?;
+        let f = self
+            .inner
+            .into_inner()
+            .map_err(|e| io_err(path, "cannot write", e.error()))?;
         f.sync_all().map_err(|e| io_err(path, "cannot sync", e))?;
         Ok((self.bytes, hex::encode(self.hasher.finalize())))
     }
@@ -457,7 +514,8 @@ fn write_parquet(
 ) -> Result<FileEntry> {
     let path = dir.join(rel);
     let w = HashingWriter::create(&path)?;
-    let mut writer = ArrowWriter::try_new(w, schema, Some(props(kernel))).map_err(|e| parquet_err(&path, e))?;
+    let mut writer =
+        ArrowWriter::try_new(w, schema, Some(props(kernel))).map_err(|e| parquet_err(&path, e))?;
     let mut rows = 0u64;
     while let Some(batch) = next()? {
         rows += batch.num_rows() as u64;
@@ -465,15 +523,26 @@ fn write_parquet(
     }
     let w = writer.into_inner().map_err(|e| parquet_err(&path, e))?;
     let (bytes, sha256) = w.finish(&path)?;
-    Ok(FileEntry { path: rel.to_string(), rows, bytes, sha256 })
+    Ok(FileEntry {
+        path: rel.to_string(),
+        rows,
+        bytes,
+        sha256,
+    })
 }
 
 fn write_json_file(dir: &Path, rel: &str, text: &[u8]) -> Result<FileEntry> {
     let path = dir.join(rel);
     let mut w = HashingWriter::create(&path)?;
-    w.write_all(text).map_err(|e| io_err(&path, "cannot write", e))?;
+    w.write_all(text)
+        .map_err(|e| io_err(&path, "cannot write", e))?;
     let (bytes, sha256) = w.finish(&path)?;
-    Ok(FileEntry { path: rel.to_string(), rows: 0, bytes, sha256 })
+    Ok(FileEntry {
+        path: rel.to_string(),
+        rows: 0,
+        bytes,
+        sha256,
+    })
 }
 
 fn check_target(out: &Path) -> Result<(PathBuf, PathBuf)> {
@@ -486,8 +555,13 @@ fn check_target(out: &Path) -> Result<(PathBuf, PathBuf)> {
     let name = out
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
-        .ok_or_else(|| EngineError::InvalidArgument(format!("{}: not a folder name", out.display())))?;
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        .ok_or_else(|| {
+            EngineError::InvalidArgument(format!("{}: not a folder name", out.display()))
+        })?;
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if !parent.is_dir() {
         return Err(EngineError::FailedPrecondition(format!(
             "{}: the parent folder {} does not exist",
@@ -495,7 +569,10 @@ fn check_target(out: &Path) -> Result<(PathBuf, PathBuf)> {
             parent.display()
         )));
     }
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     let tmp = parent.join(format!(".{name}.partial-{}-{nanos}", std::process::id()));
     Ok((parent.to_path_buf(), tmp))
 }
@@ -528,13 +605,22 @@ fn write_dataset(
     };
     if let Err(e) = std::fs::rename(&tmp, out) {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(io_err(out, "cannot rename the finished dataset into place", e));
+        return Err(io_err(
+            out,
+            "cannot rename the finished dataset into place",
+            e,
+        ));
     }
     sync_dir(&parent);
     let manifest_json = serde_json::to_string_pretty(&manifest).unwrap_or_default();
     let bytes = manifest.files.iter().map(|f| f.bytes).sum::<u64>() + manifest_json.len() as u64;
     tracing::info!(path = %out.display(), kind, models = manifest.rows.models, layers = manifest.rows.layers, filters = manifest.rows.filters, bytes, "dataset written");
-    Ok(DatasetSummary { path: out.to_path_buf(), manifest, manifest_json, bytes })
+    Ok(DatasetSummary {
+        path: out.to_path_buf(),
+        manifest,
+        manifest_json,
+        bytes,
+    })
 }
 
 fn write_dataset_into(
@@ -549,23 +635,43 @@ fn write_dataset_into(
     let total: u64 = sel.layers.iter().map(|l| l.record.n_filters).sum();
     let mut files = Vec::new();
 
-    progress(Progress { phase: "models", done: 0, total });
+    progress(Progress {
+        phase: "models",
+        done: 0,
+        total,
+    });
     let mut models_done = false;
-    files.push(write_parquet(dir, "models.parquet", models_schema(), false, || {
-        if models_done {
-            return Ok(None);
-        }
-        models_done = true;
-        models_batch(&sel.models).map(Some)
-    })?);
+    files.push(write_parquet(
+        dir,
+        "models.parquet",
+        models_schema(),
+        false,
+        || {
+            if models_done {
+                return Ok(None);
+            }
+            models_done = true;
+            models_batch(&sel.models).map(Some)
+        },
+    )?);
 
-    progress(Progress { phase: "layers", done: 0, total });
+    progress(Progress {
+        phase: "layers",
+        done: 0,
+        total,
+    });
     let hist_of = |id: u64| view.basis.as_ref().and_then(|(_, h)| h.get(&id).cloned());
     let mut chunks = sel.layers.chunks(LAYER_BATCH);
-    files.push(write_parquet(dir, "layers.parquet", layers_schema(), false, || match chunks.next() {
-        None => Ok(None),
-        Some(ls) => layers_batch(&view.catalog, ls, &hist_of).map(Some),
-    })?);
+    files.push(write_parquet(
+        dir,
+        "layers.parquet",
+        layers_schema(),
+        false,
+        || match chunks.next() {
+            None => Ok(None),
+            Some(ls) => layers_batch(&view.catalog, ls, &hist_of).map(Some),
+        },
+    )?);
 
     let basis_version = view.basis.as_ref().map(|(b, _)| b.version);
     if let Some((b, _)) = &view.basis {
@@ -574,10 +680,18 @@ fn write_dataset_into(
     }
 
     let mut done = 0u64;
-    progress(Progress { phase: "filters", done, total });
+    progress(Progress {
+        phase: "filters",
+        done,
+        total,
+    });
     let schema = filter_schema(false);
     for ((task, vc), layers) in &sel.partitions {
-        let rel_dir = format!("filters/task={}/visual_category={}", hive_value(task), hive_value(vc));
+        let rel_dir = format!(
+            "filters/task={}/visual_category={}",
+            hive_value(task),
+            hive_value(vc)
+        );
         let abs = dir.join(&rel_dir);
         std::fs::create_dir_all(&abs).map_err(|e| io_err(&abs, "cannot create", e))?;
         let mut rows = FilterRows::new(store, &view.snapshot, layers);
@@ -586,30 +700,41 @@ fn write_dataset_into(
         loop {
             let mut in_part = 0u64;
             let mut exhausted = false;
-            let entry = write_parquet(dir, &format!("{rel_dir}/part-{part:05}.parquet"), schema.clone(), true, || {
-                if in_part >= PART_MAX_ROWS {
-                    return Ok(None);
-                }
-                if let Some(b) = pending.take() {
-                    in_part += b.num_rows() as u64;
-                    return Ok(Some(b));
-                }
-                let max = (PART_MAX_ROWS - in_part).min(BATCH_ROWS as u64) as usize;
-                match rows.next_batch(max)? {
-                    None => {
-                        exhausted = true;
-                        Ok(None)
+            let entry = write_parquet(
+                dir,
+                &format!("{rel_dir}/part-{part:05}.parquet"),
+                schema.clone(),
+                true,
+                || {
+                    if in_part >= PART_MAX_ROWS {
+                        return Ok(None);
                     }
-                    Some(cols) => {
-                        let b = RecordBatch::try_new(schema.clone(), cols)
-                            .map_err(|e| EngineError::FailedPrecondition(format!("arrow: {e}")))?;
+                    if let Some(b) = pending.take() {
                         in_part += b.num_rows() as u64;
-                        done += b.num_rows() as u64;
-                        progress(Progress { phase: "filters", done, total });
-                        Ok(Some(b))
+                        return Ok(Some(b));
                     }
-                }
-            })?;
+                    let max = (PART_MAX_ROWS - in_part).min(BATCH_ROWS as u64) as usize;
+                    match rows.next_batch(max)? {
+                        None => {
+                            exhausted = true;
+                            Ok(None)
+                        }
+                        Some(cols) => {
+                            let b = RecordBatch::try_new(schema.clone(), cols).map_err(|e| {
+                                EngineError::FailedPrecondition(format!("arrow: {e}"))
+                            })?;
+                            in_part += b.num_rows() as u64;
+                            done += b.num_rows() as u64;
+                            progress(Progress {
+                                phase: "filters",
+                                done,
+                                total,
+                            });
+                            Ok(Some(b))
+                        }
+                    }
+                },
+            )?;
             files.push(entry);
             part += 1;
             if exhausted {
@@ -633,7 +758,11 @@ fn write_dataset_into(
         )));
     }
 
-    progress(Progress { phase: "manifest", done, total });
+    progress(Progress {
+        phase: "manifest",
+        done,
+        total,
+    });
     let manifest = Manifest {
         format: DATASET_FORMAT.to_string(),
         layout_version: LAYOUT_VERSION,
@@ -644,17 +773,26 @@ fn write_dataset_into(
         basis_version,
         next_ids: view.catalog.next_ids,
         partition_keys: PARTITION_KEYS.iter().map(|s| s.to_string()).collect(),
-        rows: RowCounts { models: sel.models.len() as u64, layers: sel.layers.len() as u64, filters: done },
+        rows: RowCounts {
+            models: sel.models.len() as u64,
+            layers: sel.layers.len() as u64,
+            filters: done,
+        },
         files,
     };
     // Every data file is fsynced; the manifest goes last, so its presence means completeness.
     let text = serde_json::to_string_pretty(&manifest).unwrap_or_default();
     let path = dir.join(MANIFEST_FILE);
     let mut w = HashingWriter::create(&path)?;
-    w.write_all(text.as_bytes()).map_err(|e| io_err(&path, "cannot write", e))?;
+    w.write_all(text.as_bytes())
+        .map_err(|e| io_err(&path, "cannot write", e))?;
     w.finish(&path)?;
     sync_dir(dir);
-    progress(Progress { phase: "done", done, total });
+    progress(Progress {
+        phase: "done",
+        done,
+        total,
+    });
     Ok(manifest)
 }
 
@@ -715,37 +853,79 @@ fn str_lists<'a>(rows: impl Iterator<Item = Vec<&'a str>>) -> ArrayRef {
 fn models_batch(models: &[Arc<ModelRecord>]) -> Result<RecordBatch> {
     let ms = models;
     let depth_def = |m: &ModelRecord| -> String {
-        serde_json::to_value(m.depth_definition).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+        serde_json::to_value(m.depth_definition)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
     };
     let depth_defs: Vec<String> = ms.iter().map(|m| depth_def(m)).collect();
     let producer: DictionaryArray<Int32Type> = ms.iter().map(|m| m.producer.as_deref()).collect();
     let cols: Vec<ArrayRef> = vec![
         Arc::new(UInt64Array::from_iter_values(ms.iter().map(|m| m.model_id))),
-        Arc::new(StringArray::from_iter_values(ms.iter().map(|m| m.name.as_str()))),
+        Arc::new(StringArray::from_iter_values(
+            ms.iter().map(|m| m.name.as_str()),
+        )),
         dict(ms.iter().map(|m| m.meta.task.canonical.as_str())),
         dict(ms.iter().map(|m| m.meta.architecture.canonical.as_str())),
         dict(ms.iter().map(|m| m.meta.architecture_variant.as_str())),
         dict(ms.iter().map(|m| m.meta.visual_category.canonical.as_str())),
-        str_lists(ms.iter().map(|m| m.meta.training_datasets.iter().map(|d| d.canonical.as_str()).collect())),
-        str_lists(ms.iter().map(|m| m.meta.pretraining_datasets.iter().map(|d| d.canonical.as_str()).collect())),
-        str_lists(ms.iter().map(|m| m.meta.tags.iter().map(String::as_str).collect())),
+        str_lists(ms.iter().map(|m| {
+            m.meta
+                .training_datasets
+                .iter()
+                .map(|d| d.canonical.as_str())
+                .collect()
+        })),
+        str_lists(ms.iter().map(|m| {
+            m.meta
+                .pretraining_datasets
+                .iter()
+                .map(|d| d.canonical.as_str())
+                .collect()
+        })),
+        str_lists(
+            ms.iter()
+                .map(|m| m.meta.tags.iter().map(String::as_str).collect()),
+        ),
         dict(ms.iter().map(|m| m.meta.license.as_str())),
-        Arc::new(StringArray::from_iter_values(ms.iter().map(|m| m.meta.source_uri.as_str()))),
+        Arc::new(StringArray::from_iter_values(
+            ms.iter().map(|m| m.meta.source_uri.as_str()),
+        )),
         dict(ms.iter().map(|m| m.format.as_str())),
         dict(depth_defs.iter().map(String::as_str)),
         Arc::new(producer),
-        Arc::new(Int64Array::from(ms.iter().map(|m| m.opset).collect::<Vec<_>>())),
-        Arc::new(StringArray::from_iter_values(ms.iter().map(|m| m.file_name.as_str()))),
-        Arc::new(StringArray::from_iter_values(ms.iter().map(|m| m.content_sha256.as_str()))),
-        Arc::new(UInt64Array::from_iter_values(ms.iter().map(|m| m.size_bytes))),
+        Arc::new(Int64Array::from(
+            ms.iter().map(|m| m.opset).collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            ms.iter().map(|m| m.file_name.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            ms.iter().map(|m| m.content_sha256.as_str()),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            ms.iter().map(|m| m.size_bytes),
+        )),
         Arc::new(UInt32Array::from_iter_values(ms.iter().map(|m| m.n_layers))),
-        Arc::new(UInt64Array::from_iter_values(ms.iter().map(|m| m.n_filters))),
-        Arc::new(UInt64Array::from_iter_values(ms.iter().map(|m| m.first_layer_id))),
-        Arc::new(UInt64Array::from_iter_values(ms.iter().map(|m| m.first_filter_id))),
-        Arc::new(Int64Array::from_iter_values(ms.iter().map(|m| m.ingested_at_unix_ms))),
-        Arc::new(StringArray::from_iter_values(ms.iter().map(|m| serde_json::to_string(m.as_ref()).unwrap_or_default()))),
+        Arc::new(UInt64Array::from_iter_values(
+            ms.iter().map(|m| m.n_filters),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            ms.iter().map(|m| m.first_layer_id),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            ms.iter().map(|m| m.first_filter_id),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            ms.iter().map(|m| m.ingested_at_unix_ms),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            ms.iter()
+                .map(|m| serde_json::to_string(m.as_ref()).unwrap_or_default()),
+        )),
     ];
-    RecordBatch::try_new(models_schema(), cols).map_err(|e| EngineError::FailedPrecondition(format!("models.parquet: {e}")))
+    RecordBatch::try_new(models_schema(), cols)
+        .map_err(|e| EngineError::FailedPrecondition(format!("models.parquet: {e}")))
 }
 
 fn f64_fsl(n: i32) -> DataType {
@@ -807,7 +987,10 @@ fn f64_fsl_array(n: usize, rows: impl Iterator<Item = Option<Vec<f64>>>) -> Resu
             }
         }
     }
-    let nulls = valid.iter().any(|v| !v).then(|| arrow::buffer::NullBuffer::from(valid));
+    let nulls = valid
+        .iter()
+        .any(|v| !v)
+        .then(|| arrow::buffer::NullBuffer::from(valid));
     let a = FixedSizeListArray::try_new(
         Arc::new(Field::new("item", DataType::Float64, false)),
         n as i32,
@@ -826,10 +1009,21 @@ fn layers_batch(
     let rec = |l: &Arc<CatalogLayer>| l.record.clone();
     let recs: Vec<LayerRecord> = ls.iter().map(rec).collect();
     let model = |id: u64| c.model(id);
-    let label = |id: u64, f: fn(&ModelRecord) -> &str| model(id).map(|m| f(m).to_string()).unwrap_or_default();
-    let tasks: Vec<String> = recs.iter().map(|r| label(r.model_id, |m| &m.meta.task.canonical)).collect();
-    let archs: Vec<String> = recs.iter().map(|r| label(r.model_id, |m| &m.meta.architecture.canonical)).collect();
-    let vcs: Vec<String> = recs.iter().map(|r| label(r.model_id, |m| &m.meta.visual_category.canonical)).collect();
+    let label = |id: u64, f: fn(&ModelRecord) -> &str| {
+        model(id).map(|m| f(m).to_string()).unwrap_or_default()
+    };
+    let tasks: Vec<String> = recs
+        .iter()
+        .map(|r| label(r.model_id, |m| &m.meta.task.canonical))
+        .collect();
+    let archs: Vec<String> = recs
+        .iter()
+        .map(|r| label(r.model_id, |m| &m.meta.architecture.canonical))
+        .collect();
+    let vcs: Vec<String> = recs
+        .iter()
+        .map(|r| label(r.model_id, |m| &m.meta.visual_category.canonical))
+        .collect();
     let mut hc = ListBuilder::new(UInt32Builder::new());
     let mut ho = ListBuilder::new(UInt64Builder::new());
     for l in ls {
@@ -849,31 +1043,64 @@ fn layers_batch(
     let st = |l: &Arc<CatalogLayer>| l.stats.clone();
     let stats: Vec<LayerStats> = ls.iter().map(st).collect();
     let cols: Vec<ArrayRef> = vec![
-        Arc::new(UInt64Array::from_iter_values(recs.iter().map(|r| r.layer_id))),
-        Arc::new(UInt64Array::from_iter_values(recs.iter().map(|r| r.model_id))),
-        Arc::new(UInt32Array::from_iter_values(recs.iter().map(|r| r.layer_index))),
-        Arc::new(StringArray::from_iter_values(recs.iter().map(|r| r.tensor_name.as_str()))),
-        Arc::new(UInt32Array::from_iter_values(recs.iter().map(|r| r.out_channels))),
-        Arc::new(UInt32Array::from_iter_values(recs.iter().map(|r| r.in_channels))),
-        Arc::new(UInt32Array::from(recs.iter().map(|r| r.groups).collect::<Vec<_>>())),
-        Arc::new(UInt32Array::from_iter_values(recs.iter().map(|r| r.conv_depth))),
-        Arc::new(Float64Array::from_iter_values(recs.iter().map(|r| r.conv_depth_norm))),
-        Arc::new(UInt64Array::from_iter_values(recs.iter().map(|r| r.first_filter_id))),
-        Arc::new(UInt64Array::from_iter_values(recs.iter().map(|r| r.n_filters))),
+        Arc::new(UInt64Array::from_iter_values(
+            recs.iter().map(|r| r.layer_id),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            recs.iter().map(|r| r.model_id),
+        )),
+        Arc::new(UInt32Array::from_iter_values(
+            recs.iter().map(|r| r.layer_index),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            recs.iter().map(|r| r.tensor_name.as_str()),
+        )),
+        Arc::new(UInt32Array::from_iter_values(
+            recs.iter().map(|r| r.out_channels),
+        )),
+        Arc::new(UInt32Array::from_iter_values(
+            recs.iter().map(|r| r.in_channels),
+        )),
+        Arc::new(UInt32Array::from(
+            recs.iter().map(|r| r.groups).collect::<Vec<_>>(),
+        )),
+        Arc::new(UInt32Array::from_iter_values(
+            recs.iter().map(|r| r.conv_depth),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            recs.iter().map(|r| r.conv_depth_norm),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            recs.iter().map(|r| r.first_filter_id),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            recs.iter().map(|r| r.n_filters),
+        )),
         dict(tasks.iter().map(String::as_str)),
         dict(archs.iter().map(String::as_str)),
         dict(vcs.iter().map(String::as_str)),
         Arc::new(UInt64Array::from_iter_values(stats.iter().map(|s| s.n))),
         f64_fsl_array(9, stats.iter().map(|s| Some(s.sum.clone())))?,
         f64_fsl_array(81, stats.iter().map(|s| Some(s.sum_outer.clone())))?,
-        Arc::new(Float64Array::from_iter_values(stats.iter().map(|s| s.abs_max))),
-        Arc::new(UInt64Array::from_iter_values(stats.iter().map(|s| s.zero_filters))),
-        Arc::new(Float64Array::from(stats.iter().map(|s| s.orthogonality).collect::<Vec<_>>())),
-        Arc::new(StringArray::from_iter_values(stats.iter().map(|s| serde_json::to_string(s).unwrap_or_default()))),
+        Arc::new(Float64Array::from_iter_values(
+            stats.iter().map(|s| s.abs_max),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            stats.iter().map(|s| s.zero_filters),
+        )),
+        Arc::new(Float64Array::from(
+            stats.iter().map(|s| s.orthogonality).collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            stats
+                .iter()
+                .map(|s| serde_json::to_string(s).unwrap_or_default()),
+        )),
         Arc::new(hc.finish()),
         Arc::new(ho.finish()),
     ];
-    RecordBatch::try_new(layers_schema(), cols).map_err(|e| EngineError::FailedPrecondition(format!("layers.parquet: {e}")))
+    RecordBatch::try_new(layers_schema(), cols)
+        .map_err(|e| EngineError::FailedPrecondition(format!("layers.parquet: {e}")))
 }
 
 /// Keeps the newest `retain` complete `snapshot-*` folders of `root` (0 keeps all) and removes
@@ -885,7 +1112,11 @@ pub fn prune_snapshots(root: &Path, retain: usize) -> Result<()> {
         let name = e.file_name().to_string_lossy().to_string();
         let path = e.path();
         if name.starts_with(".snapshot-") && name.contains(".partial-") {
-            let pid = name.rsplit(".partial-").next().and_then(|s| s.split('-').next()).unwrap_or("");
+            let pid = name
+                .rsplit(".partial-")
+                .next()
+                .and_then(|s| s.split('-').next())
+                .unwrap_or("");
             if pid != std::process::id().to_string() {
                 let _ = std::fs::remove_dir_all(&path);
             }
@@ -905,7 +1136,11 @@ pub fn prune_snapshots(root: &Path, retain: usize) -> Result<()> {
 }
 
 /// Takes a snapshot every `interval` into [`Engine::snapshot_root`], keeping `retain`.
-pub fn spawn_periodic(engine: Arc<Engine>, interval: std::time::Duration, retain: usize) -> tokio::task::JoinHandle<()> {
+pub fn spawn_periodic(
+    engine: Arc<Engine>,
+    interval: std::time::Duration,
+    retain: usize,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -937,9 +1172,14 @@ pub struct RestoreSummary {
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join(MANIFEST_FILE);
     let text = std::fs::read(&path).map_err(|e| {
-        io_err(&path, "cannot read (a folder without a manifest is not a complete snapshot)", e)
+        io_err(
+            &path,
+            "cannot read (a folder without a manifest is not a complete snapshot)",
+            e,
+        )
     })?;
-    let m: Manifest = serde_json::from_slice(&text).map_err(|e| io_err(&path, "not a FilterDB manifest", e))?;
+    let m: Manifest =
+        serde_json::from_slice(&text).map_err(|e| io_err(&path, "not a FilterDB manifest", e))?;
     if m.format != DATASET_FORMAT || m.layout_version > LAYOUT_VERSION {
         return Err(EngineError::FailedPrecondition(format!(
             "{}: format `{}` layout version {}; this build reads `{DATASET_FORMAT}` up to version {LAYOUT_VERSION}",
@@ -954,7 +1194,10 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 fn verify_files(dir: &Path, m: &Manifest) -> Result<()> {
     for f in &m.files {
         if f.path.split('/').any(|s| s == ".." || s.is_empty()) {
-            return Err(EngineError::FailedPrecondition(format!("manifest lists an unsafe path `{}`", f.path)));
+            return Err(EngineError::FailedPrecondition(format!(
+                "manifest lists an unsafe path `{}`",
+                f.path
+            )));
         }
         let path = dir.join(&f.path);
         let mut file = File::open(&path).map_err(|e| io_err(&path, "cannot open", e))?;
@@ -962,7 +1205,9 @@ fn verify_files(dir: &Path, m: &Manifest) -> Result<()> {
         let mut buf = vec![0u8; 1 << 20];
         let mut n = 0u64;
         loop {
-            let k = file.read(&mut buf).map_err(|e| io_err(&path, "cannot read", e))?;
+            let k = file
+                .read(&mut buf)
+                .map_err(|e| io_err(&path, "cannot read", e))?;
             if k == 0 {
                 break;
             }
@@ -982,7 +1227,10 @@ fn verify_files(dir: &Path, m: &Manifest) -> Result<()> {
     Ok(())
 }
 
-fn reader(path: &Path, batch: usize) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
+fn reader(
+    path: &Path,
+    batch: usize,
+) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
     let f = File::open(path).map_err(|e| io_err(path, "cannot open", e))?;
     ParquetRecordBatchReaderBuilder::try_new(f)
         .and_then(|b| b.with_batch_size(batch).build())
@@ -992,7 +1240,12 @@ fn reader(path: &Path, batch: usize) -> Result<parquet::arrow::arrow_reader::Par
 fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a T> {
     b.column_by_name(name)
         .and_then(|c| c.as_any().downcast_ref::<T>())
-        .ok_or_else(|| EngineError::FailedPrecondition(format!("{}: column `{name}` missing or of another type", path.display())))
+        .ok_or_else(|| {
+            EngineError::FailedPrecondition(format!(
+                "{}: column `{name}` missing or of another type",
+                path.display()
+            ))
+        })
 }
 
 fn bad(path: &Path, what: impl std::fmt::Display) -> EngineError {
@@ -1020,7 +1273,11 @@ pub fn restore(dir: &Path, data_dir: &Path, progress: &dyn Fn(Progress)) -> Resu
             m.selection
         )));
     }
-    progress(Progress { phase: "verify", done: 0, total: m.rows.filters });
+    progress(Progress {
+        phase: "verify",
+        done: 0,
+        total: m.rows.filters,
+    });
     verify_files(dir, &m)?;
 
     std::fs::create_dir_all(data_dir).map_err(|e| io_err(data_dir, "cannot create", e))?;
@@ -1041,8 +1298,8 @@ pub fn restore(dir: &Path, data_dir: &Path, progress: &dyn Fn(Progress)) -> Resu
         let b = b.map_err(|e| parquet_err(&path, e))?;
         let json = col::<StringArray>(&b, "record_json", &path)?;
         for i in 0..b.num_rows() {
-            let rec: ModelRecord =
-                serde_json::from_str(json.value(i)).map_err(|e| bad(&path, format!("row {i}: record_json: {e}")))?;
+            let rec: ModelRecord = serde_json::from_str(json.value(i))
+                .map_err(|e| bad(&path, format!("row {i}: record_json: {e}")))?;
             models.insert(rec.model_id, rec);
         }
     }
@@ -1055,14 +1312,28 @@ pub fn restore(dir: &Path, data_dir: &Path, progress: &dyn Fn(Progress)) -> Resu
         let b = b.map_err(|e| parquet_err(&path, e))?;
         let u64c = |n: &str| col::<UInt64Array>(&b, n, &path);
         let u32c = |n: &str| col::<UInt32Array>(&b, n, &path);
-        let (layer_id, model_id, first, nf) = (u64c("layer_id")?, u64c("model_id")?, u64c("first_filter_id")?, u64c("n_filters")?);
-        let (li, oc, ic, gr, cd) =
-            (u32c("layer_index")?, u32c("out_channels")?, u32c("in_channels")?, u32c("groups")?, u32c("conv_depth")?);
+        let (layer_id, model_id, first, nf) = (
+            u64c("layer_id")?,
+            u64c("model_id")?,
+            u64c("first_filter_id")?,
+            u64c("n_filters")?,
+        );
+        let (li, oc, ic, gr, cd) = (
+            u32c("layer_index")?,
+            u32c("out_channels")?,
+            u32c("in_channels")?,
+            u32c("groups")?,
+            u32c("conv_depth")?,
+        );
         let cdn = col::<Float64Array>(&b, "conv_depth_norm", &path)?;
         let tn = col::<StringArray>(&b, "tensor_name", &path)?;
         let sj = col::<StringArray>(&b, "stats_json", &path)?;
-        let hc = b.column_by_name("hist_counts").and_then(|c| c.as_list_opt::<i32>().cloned());
-        let ho = b.column_by_name("hist_out_of_range").and_then(|c| c.as_list_opt::<i32>().cloned());
+        let hc = b
+            .column_by_name("hist_counts")
+            .and_then(|c| c.as_list_opt::<i32>().cloned());
+        let ho = b
+            .column_by_name("hist_out_of_range")
+            .and_then(|c| c.as_list_opt::<i32>().cloned());
         for i in 0..b.num_rows() {
             let record = LayerRecord {
                 layer_id: layer_id.value(i),
@@ -1077,23 +1348,37 @@ pub fn restore(dir: &Path, data_dir: &Path, progress: &dyn Fn(Progress)) -> Resu
                 first_filter_id: first.value(i),
                 n_filters: nf.value(i),
             };
-            let stats: LayerStats =
-                serde_json::from_str(sj.value(i)).map_err(|e| bad(&path, format!("row {i}: stats_json: {e}")))?;
+            let stats: LayerStats = serde_json::from_str(sj.value(i))
+                .map_err(|e| bad(&path, format!("row {i}: stats_json: {e}")))?;
             let hist = match (&hc, &ho) {
                 (Some(c), Some(o)) if c.is_valid(i) && o.is_valid(i) => {
                     let (c, o) = (c.value(i), o.value(i));
                     let counts = c.as_primitive_opt::<arrow::datatypes::UInt32Type>();
                     let out = o.as_primitive_opt::<arrow::datatypes::UInt64Type>();
                     match (counts, out) {
-                        (Some(c), Some(o)) => {
-                            Some(LayerHistogram { counts: c.values().to_vec(), out_of_range: o.values().to_vec() })
+                        (Some(c), Some(o)) => Some(LayerHistogram {
+                            counts: c.values().to_vec(),
+                            out_of_range: o.values().to_vec(),
+                        }),
+                        _ => {
+                            return Err(bad(
+                                &path,
+                                "hist_counts / hist_out_of_range are not integer lists",
+                            ));
                         }
-                        _ => return Err(bad(&path, "hist_counts / hist_out_of_range are not integer lists")),
                     }
                 }
                 _ => None,
             };
-            layers.entry(record.model_id).or_default().push(RestoredLayer { record, stats, hist, filters: Vec::new() });
+            layers
+                .entry(record.model_id)
+                .or_default()
+                .push(RestoredLayer {
+                    record,
+                    stats,
+                    hist,
+                    filters: Vec::new(),
+                });
             n_layers += 1;
         }
     }
@@ -1122,10 +1407,24 @@ pub fn restore(dir: &Path, data_dir: &Path, progress: &dyn Fn(Progress)) -> Resu
     let mut committed: HashSet<u64> = HashSet::new();
     let mut current: Option<(u64, Vec<RestoredLayer>)> = None;
     let mut done = 0u64;
-    let commit = |store: &Store, model_id: u64, ls: Vec<RestoredLayer>, committed: &mut HashSet<u64>| -> Result<()> {
-        let model = models
-            .get(&model_id)
-            .ok_or_else(|| EngineError::FailedPrecondition(format!("filters of model {model_id}, which models.parquet lacks")))?;
+    let commit = |store: &Store,
+                  model_id: u64,
+                  ls: Vec<RestoredLayer>,
+                  committed: &mut HashSet<u64>|
+     -> Result<()> {
+        let model = models.get(&model_id).ok_or_else(|| {
+            EngineError::FailedPrecondition(format!(
+                "filters of model {model_id}, which models.parquet lacks"
+            ))
+        })?;
+        if ls.len() != model.n_layers as usize {
+            return Err(EngineError::FailedPrecondition(format!(
+                "model `{}` has {} layers in the snapshot, its record says {}: the snapshot holds half a model",
+                model.name,
+                ls.len(),
+                model.n_layers
+            )));
+        }
         for l in &ls {
             if l.filters.len() as u64 != l.record.n_filters * 9 {
                 return Err(EngineError::FailedPrecondition(format!(
@@ -1137,10 +1436,15 @@ pub fn restore(dir: &Path, data_dir: &Path, progress: &dyn Fn(Progress)) -> Resu
                 )));
             }
         }
-        let rows: Vec<(LayerRecord, LayerStats, &[f32])> =
-            ls.iter().map(|l| (l.record.clone(), l.stats.clone(), l.filters.as_slice())).collect();
+        let rows: Vec<(LayerRecord, LayerStats, &[f32])> = ls
+            .iter()
+            .map(|l| (l.record.clone(), l.stats.clone(), l.filters.as_slice()))
+            .collect();
         let hists: Vec<(u32, u64, LayerHistogram)> = match &basis {
-            Some(b) => ls.iter().filter_map(|l| l.hist.clone().map(|h| (b.version, l.record.layer_id, h))).collect(),
+            Some(b) => ls
+                .iter()
+                .filter_map(|l| l.hist.clone().map(|h| (b.version, l.record.layer_id, h)))
+                .collect(),
             None => Vec::new(),
         };
         store.commit_model(model, &rows, m.next_ids, None, &hists)?;
@@ -1169,36 +1473,67 @@ pub fn restore(dir: &Path, data_dir: &Path, progress: &dyn Fn(Progress)) -> Resu
                         commit(&store, id, ls, &mut committed)?;
                     }
                     if committed.contains(&model_id) {
-                        return Err(bad(&path, format!("rows of model {model_id} are not contiguous")));
+                        return Err(bad(
+                            &path,
+                            format!("rows of model {model_id} are not contiguous"),
+                        ));
                     }
                     let ls = layers.remove(&model_id).ok_or_else(|| {
-                        bad(&path, format!("filters of model {model_id}, whose layers layers.parquet lacks"))
+                        bad(
+                            &path,
+                            format!(
+                                "filters of model {model_id}, whose layers layers.parquet lacks"
+                            ),
+                        )
                     })?;
                     current = Some((model_id, ls));
                 }
-                let Some((_, ls)) = current.as_mut() else { continue };
+                let Some((_, ls)) = current.as_mut() else {
+                    continue;
+                };
                 let id = fid.value(i);
                 let l = ls
                     .iter_mut()
-                    .find(|l| id >= l.record.first_filter_id && id < l.record.first_filter_id + l.record.n_filters)
-                    .ok_or_else(|| bad(&path, format!("filter {id} belongs to no layer of model {model_id}")))?;
+                    .find(|l| {
+                        id >= l.record.first_filter_id
+                            && id < l.record.first_filter_id + l.record.n_filters
+                    })
+                    .ok_or_else(|| {
+                        bad(
+                            &path,
+                            format!("filter {id} belongs to no layer of model {model_id}"),
+                        )
+                    })?;
                 let expected = l.record.first_filter_id + (l.filters.len() / 9) as u64;
                 if id != expected {
-                    return Err(bad(&path, format!("filter {id} out of order (expected {expected})")));
+                    return Err(bad(
+                        &path,
+                        format!("filter {id} out of order (expected {expected})"),
+                    ));
                 }
-                let s = kernel.value_offset(i) as usize;
-                let v = values.get(s..s + 9).ok_or_else(|| bad(&path, "kernel values shorter than the rows"))?;
+                let s = kernel.value_offset_at(i);
+                let v = values
+                    .get(s..s + 9)
+                    .ok_or_else(|| bad(&path, "kernel values shorter than the rows"))?;
                 l.filters.extend_from_slice(v);
             }
             done += b.num_rows() as u64;
-            progress(Progress { phase: "restore", done, total: m.rows.filters });
+            progress(Progress {
+                phase: "restore",
+                done,
+                total: m.rows.filters,
+            });
         }
     }
     if let Some((id, ls)) = current.take() {
         commit(&store, id, ls, &mut committed)?;
     }
     // Models without filters (no 3x3 layer, or only empty layers).
-    let rest: Vec<u64> = models.keys().filter(|id| !committed.contains(id)).copied().collect();
+    let rest: Vec<u64> = models
+        .keys()
+        .filter(|id| !committed.contains(id))
+        .copied()
+        .collect();
     for id in rest {
         let ls = layers.remove(&id).unwrap_or_default();
         commit(&store, id, ls, &mut committed)?;
@@ -1215,9 +1550,12 @@ pub fn restore(dir: &Path, data_dir: &Path, progress: &dyn Fn(Progress)) -> Resu
         store
             .db()
             .put_cf(
-                store.db().cf_handle(crate::store::keys::CF_META).ok_or_else(|| {
-                    EngineError::FailedPrecondition("meta column family missing".into())
-                })?,
+                store
+                    .db()
+                    .cf_handle(crate::store::keys::CF_META)
+                    .ok_or_else(|| {
+                        EngineError::FailedPrecondition("meta column family missing".into())
+                    })?,
                 crate::store::keys::NEXT_IDS_KEY,
                 serde_json::to_vec(&m.next_ids).unwrap_or_default(),
             )
@@ -1227,7 +1565,10 @@ pub fn restore(dir: &Path, data_dir: &Path, progress: &dyn Fn(Progress)) -> Resu
         store.make_current_basis(b)?;
     }
     store.flush()?;
-    Ok(RestoreSummary { rows: m.rows, basis_version: basis.map(|b| b.version) })
+    Ok(RestoreSummary {
+        rows: m.rows,
+        basis_version: basis.map(|b| b.version),
+    })
 }
 
 /// `filterdb-server restore SNAPSHOT --data-dir NEW`: restores with progress on stderr and a
@@ -1236,20 +1577,33 @@ pub fn restore_cli(snapshot: &Path, data_dir: &Path) -> anyhow::Result<()> {
     let last = std::sync::Mutex::new(std::time::Instant::now());
     let progress = |p: Progress| {
         let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
-        if p.phase != "restore" || l.elapsed() >= std::time::Duration::from_secs(1) || p.done == p.total {
+        if p.phase != "restore"
+            || l.elapsed() >= std::time::Duration::from_secs(1)
+            || p.done == p.total
+        {
             *l = std::time::Instant::now();
-            let pct = if p.total > 0 { 100.0 * p.done as f64 / p.total as f64 } else { 100.0 };
-            eprintln!("{:>8}: {}/{} filters ({pct:.1} %)", p.phase, p.done, p.total);
+            let pct = if p.total > 0 {
+                100.0 * p.done as f64 / p.total as f64
+            } else {
+                100.0
+            };
+            eprintln!(
+                "{:>8}: {}/{} filters ({pct:.1} %)",
+                p.phase, p.done, p.total
+            );
         }
     };
     let t = std::time::Instant::now();
-    let s = restore(snapshot, data_dir, &progress).map_err(|e| anyhow::anyhow!("restore failed: {e}"))?;
+    let s = restore(snapshot, data_dir, &progress)
+        .map_err(|e| anyhow::anyhow!("restore failed: {e}"))?;
     println!(
         "restored {} models, {} layers, {} filters{} from {} into {} in {:.1} s",
         s.rows.models,
         s.rows.layers,
         s.rows.filters,
-        s.basis_version.map(|v| format!(" and basis version {v}")).unwrap_or_default(),
+        s.basis_version
+            .map(|v| format!(" and basis version {v}"))
+            .unwrap_or_default(),
         snapshot.display(),
         data_dir.display(),
         t.elapsed().as_secs_f64()

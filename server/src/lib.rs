@@ -9,6 +9,7 @@ pub mod analytics;
 pub mod api;
 pub mod catalog;
 pub mod engine;
+pub mod jobs;
 pub mod export;
 pub mod quality;
 pub mod readers;

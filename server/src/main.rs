@@ -27,6 +27,9 @@ struct Args {
     /// Periodic snapshots to keep (0: all).
     #[arg(long, env = "FILTERDB_SNAPSHOT_RETAIN", default_value_t = 7)]
     snapshot_retain: usize,
+    /// Configuration file (TOML): scheduled-ingestion sources as `[[source]]` tables.
+    #[arg(long, env = "FILTERDB_CONFIG")]
+    config: Option<PathBuf>,
     /// Without a subcommand: serve.
     #[command(subcommand)]
     command: Option<Sub>,
@@ -63,8 +66,27 @@ fn main() -> anyhow::Result<()> {
             let every = std::time::Duration::from_secs(args.snapshot_interval_secs);
             filterdb::export::spawn_periodic(engine.clone(), every, args.snapshot_retain);
         }
-        serve(engine, listener, ServerConfig::default(), shutdown_signal()).await
+        let mut config = ServerConfig::default();
+        if let Some(path) = &args.config {
+            config.sources = read_sources(path)?;
+        }
+        serve(engine, listener, config, shutdown_signal()).await
     })
+}
+
+/// The `[[source]]` tables of the configuration file.
+fn read_sources(path: &std::path::Path) -> anyhow::Result<Vec<filterdb::jobs::SourceConfig>> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        source: Vec<filterdb::jobs::SourceConfig>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+    let f: File = toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+    for s in &f.source {
+        s.validate().map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+    }
+    Ok(f.source)
 }
 
 async fn shutdown_signal() {

@@ -382,7 +382,7 @@ impl ScanSpec<'_> {
         let first_id = layer.record.first_filter_id + start;
         let abs_max = layer.stats.abs_max;
         let threshold = if abs_max == 0.0 { 1.0 } else { self.conditions.sparse_eps * abs_max };
-        let mut consider = |i: usize, d: f64, flipped: bool, raw_max: f64, top: &mut TopK| {
+        let consider = |i: usize, d: f64, flipped: bool, raw_max: f64, top: &mut TopK| {
             let id = first_id + i as u64;
             let d = if d.is_nan() { f64::NAN } else { d };
             // Cheap reject first: most filters are farther than the current k-th.

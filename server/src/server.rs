@@ -20,6 +20,8 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub struct ServerConfig {
     /// API limits.
     pub limits: Limits,
+    /// Scheduled-ingestion sources.
+    pub sources: Vec<crate::jobs::SourceConfig>,
 }
 
 /// Serves FilterDB on `listener` until `shutdown` completes, then reports NOT_SERVING, lets
@@ -64,6 +66,11 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
+    let jobs = crate::jobs::Jobs::new(engine.clone(), config.sources.clone()).map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    jobs.start();
+    let jobs_service = pb::jobs_server::JobsServer::new(crate::api::jobs::JobsService::new(jobs));
+    health_reporter.set_serving::<pb::jobs_server::JobsServer<crate::api::jobs::JobsService>>().await;
+
     let reporter = health_reporter.clone();
     let shutdown = async move {
         shutdown.await;
@@ -72,6 +79,7 @@ pub async fn serve(
         reporter.set_not_serving::<pb::analytics_server::AnalyticsServer<crate::api::analytics::AnalyticsService>>().await;
         reporter.set_not_serving::<pb::search_server::SearchServer<crate::api::search::SearchService>>().await;
         reporter.set_not_serving::<pb::snapshots_server::SnapshotsServer<crate::api::export::SnapshotsService>>().await;
+        reporter.set_not_serving::<pb::jobs_server::JobsServer<crate::api::jobs::JobsService>>().await;
         reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     };
     tracing::info!(%addr, "FilterDB listening");
@@ -79,6 +87,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
+        .add_service(jobs_service)
         .add_service(service)
         .add_service(analytics)
         .add_service(search)

@@ -460,7 +460,7 @@ fn basis_text(b: &FilterBasis, head: &str) -> String {
         let comp = b.components.get(9 * k..9 * k + 9).unwrap_or(&[]);
         t.add_row(vec![
             format!("c{k}"),
-            format!("{:.4e}", b.eigenvalues.get(k).copied().unwrap_or(f64::NAN)),
+            plot::fmt_sig(b.eigenvalues.get(k).copied().unwrap_or(f64::NAN), 4),
             pct(b.evr[k]),
             pct(b.cumulative_evr.get(k).copied().unwrap_or(f64::NAN)),
             kernel_lines(comp),

@@ -2,6 +2,7 @@
 
 mod analytics;
 mod commands;
+mod export;
 mod ingest;
 mod manifest;
 mod render;
@@ -68,6 +69,10 @@ pub enum Command {
     DepthProfile(analytics::DepthProfileArgs),
     /// 2-D density of two coefficient components, plotted on a log colour scale.
     Density(analytics::DensityArgs),
+    /// Write a point-in-time Parquet snapshot of the whole database (on the server's host).
+    Snapshot(export::SnapshotArgs),
+    /// Write the layers and filters of a selection as a Parquet dataset (on the server's host).
+    Export(export::ExportArgs),
 }
 
 /// Checkpoint container format.
@@ -341,6 +346,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Degenerate(a) => analytics::degenerate(&ctx, a).await?,
         Command::DepthProfile(a) => analytics::depth_profile(&ctx, a).await?,
         Command::Density(a) => analytics::density(&ctx, a).await?,
+        Command::Snapshot(a) => export::snapshot(&ctx, a).await?,
+        Command::Export(a) => export::export(&ctx, a).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -57,7 +57,8 @@ fn run(
 ) -> BoxStream<pb::SnapshotProgress> {
     let (tx, rx) = mpsc::channel(16);
     tokio::task::spawn_blocking(move || {
-        let last = std::sync::Mutex::new(std::time::Instant::now() - std::time::Duration::from_secs(1));
+        let last =
+            std::sync::Mutex::new(std::time::Instant::now() - std::time::Duration::from_secs(1));
         let ptx = tx.clone();
         let progress = move |p: Progress| {
             // At most ~4 messages a second; phase changes always go out (unless the client is slow).
@@ -106,15 +107,26 @@ impl pb::snapshots_server::Snapshots for SnapshotsService {
         Ok(Response::new(run(move |p| engine.snapshot_to(&out, p))))
     }
 
-    async fn export(&self, request: Request<pb::ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
+    async fn export(
+        &self,
+        request: Request<pb::ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
         let req = request.into_inner();
         let pred = selection(self.engine.vocabularies(), req.selection.as_ref())?;
-        let expr = req.selection.as_ref().map(|s| s.expr.clone()).unwrap_or_default();
+        let expr = req
+            .selection
+            .as_ref()
+            .map(|s| s.expr.clone())
+            .unwrap_or_default();
         if req.out_dir.is_empty() {
-            return Err(Status::invalid_argument("out_dir: give the folder to write the export to"));
+            return Err(Status::invalid_argument(
+                "out_dir: give the folder to write the export to",
+            ));
         }
         let out = out_dir(&req.out_dir)?;
         let engine = self.engine.clone();
-        Ok(Response::new(run(move |p| engine.export_to(&pred, &expr, &out, p))))
+        Ok(Response::new(run(move |p| {
+            engine.export_to(&pred, &expr, &out, p)
+        })))
     }
 }

@@ -12,8 +12,8 @@ use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::{
-    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo, HandshakeRequest,
-    HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use filterdb_proto as pb;
 use futures::StreamExt;
@@ -41,13 +41,17 @@ impl FlightExportService {
 /// The selection text a ticket carries.
 pub fn ticket_expr(ticket: &[u8]) -> Result<String, Status> {
     let text = std::str::from_utf8(ticket)
-        .map_err(|_| Status::invalid_argument("ticket: expected UTF-8 (JSON {\"where\": ...} or --where text)"))?
+        .map_err(|_| {
+            Status::invalid_argument(
+                "ticket: expected UTF-8 (JSON {\"where\": ...} or --where text)",
+            )
+        })?
         .trim();
     if !text.starts_with('{') {
         return Ok(text.to_string());
     }
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| Status::invalid_argument(format!("ticket: invalid JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| Status::invalid_argument(format!("ticket: invalid JSON: {e}")))?;
     match v.get("where").or_else(|| v.get("expr")) {
         None | Some(serde_json::Value::Null) => Ok(String::new()),
         Some(serde_json::Value::String(s)) => Ok(s.clone()),
@@ -71,9 +75,15 @@ impl FlightService for FlightExportService {
     type DoActionStream = BoxStream<arrow_flight::Result>;
     type ListActionsStream = BoxStream<ActionType>;
 
-    async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> Result<Response<Self::DoGetStream>, Status> {
         let expr = ticket_expr(&request.into_inner().ticket)?;
-        let sel = pb::Selection { predicate: None, expr: expr.clone() };
+        let sel = pb::Selection {
+            predicate: None,
+            expr: expr.clone(),
+        };
         let pred = selection(self.engine.vocabularies(), Some(&sel))?;
         let engine = self.engine.clone();
         let (tx, rx) = mpsc::channel(4);
@@ -97,23 +107,38 @@ impl FlightService for FlightExportService {
         unimplemented("Handshake")
     }
 
-    async fn list_flights(&self, _: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
+    async fn list_flights(
+        &self,
+        _: Request<Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
         unimplemented("ListFlights")
     }
 
-    async fn get_flight_info(&self, _: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+    async fn get_flight_info(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
         unimplemented("GetFlightInfo")
     }
 
-    async fn poll_flight_info(&self, _: Request<FlightDescriptor>) -> Result<Response<PollInfo>, Status> {
+    async fn poll_flight_info(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> Result<Response<PollInfo>, Status> {
         unimplemented("PollFlightInfo")
     }
 
-    async fn get_schema(&self, _: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
+    async fn get_schema(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> Result<Response<SchemaResult>, Status> {
         unimplemented("GetSchema")
     }
 
-    async fn do_put(&self, _: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
+    async fn do_put(
+        &self,
+        _: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
         unimplemented("DoPut")
     }
 
@@ -124,11 +149,17 @@ impl FlightService for FlightExportService {
         unimplemented("DoExchange")
     }
 
-    async fn do_action(&self, _: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
+    async fn do_action(
+        &self,
+        _: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
         unimplemented("DoAction")
     }
 
-    async fn list_actions(&self, _: Request<Empty>) -> Result<Response<Self::ListActionsStream>, Status> {
+    async fn list_actions(
+        &self,
+        _: Request<Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
         unimplemented("ListActions")
     }
 }
@@ -139,9 +170,18 @@ mod tests {
 
     #[test]
     fn tickets_carry_json_or_text() {
-        assert_eq!(ticket_expr(br#"{"where": "task = x"}"#).ok().as_deref(), Some("task = x"));
-        assert_eq!(ticket_expr(br#"{"expr": "a = b"}"#).ok().as_deref(), Some("a = b"));
-        assert_eq!(ticket_expr(b"  task = y ").ok().as_deref(), Some("task = y"));
+        assert_eq!(
+            ticket_expr(br#"{"where": "task = x"}"#).ok().as_deref(),
+            Some("task = x")
+        );
+        assert_eq!(
+            ticket_expr(br#"{"expr": "a = b"}"#).ok().as_deref(),
+            Some("a = b")
+        );
+        assert_eq!(
+            ticket_expr(b"  task = y ").ok().as_deref(),
+            Some("task = y")
+        );
         assert_eq!(ticket_expr(b"{}").ok().as_deref(), Some(""));
         assert!(ticket_expr(b"{bad").is_err());
         assert!(ticket_expr(&[0xff, 0xfe]).is_err());

@@ -3,6 +3,7 @@
 
 pub mod analytics;
 pub mod convert;
+pub mod jobs;
 pub mod export;
 pub mod flight;
 pub mod search;

@@ -18,6 +18,7 @@
 //! | `meta_index`     | field tag (u8), canonical key, 0x00, model_id | empty                       |
 //! | `bases`          | basis version (u32)                   | JSON `BasisRecord` (pinned reference bases) |
 //! | `layer_histograms` | basis version (u32), layer_id       | JSON `LayerHistogram` (9 × bins counts) |
+//! | `jobs`           | source name, 0x00, item               | JSON `JobRecord` (scheduled ingestion) |
 //!
 //! A layer's filters are stored contiguously in blocks of [`BLOCK_FILTERS`]; filter `k` of the
 //! layer is in block `k / BLOCK_FILTERS` at offset `(k % BLOCK_FILTERS) * 36` bytes.
@@ -46,6 +47,9 @@ pub const CF_BASES: &str = "bases";
 /// Per-layer coefficient histograms by (basis version, layer).
 pub const CF_LAYER_HISTOGRAMS: &str = "layer_histograms";
 
+/// Scheduled-ingestion job state.
+pub const CF_JOBS: &str = "jobs";
+
 /// All column families of schema version 1.
 pub const ALL_CFS: &[&str] = &[
     CF_META,
@@ -59,7 +63,17 @@ pub const ALL_CFS: &[&str] = &[
     CF_META_INDEX,
     CF_BASES,
     CF_LAYER_HISTOGRAMS,
+    CF_JOBS,
 ];
+
+/// Key of a job record.
+pub fn job_key(source: &str, item: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(source.len() + item.len() + 1);
+    k.extend_from_slice(source.as_bytes());
+    k.push(0);
+    k.extend_from_slice(item.as_bytes());
+    k
+}
 
 /// `meta` key naming the basis version answers use.
 pub const CURRENT_BASIS_KEY: &[u8] = b"current_basis";

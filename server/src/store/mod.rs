@@ -468,6 +468,31 @@ impl Store {
         Ok(out)
     }
 
+    /// Writes a scheduled-ingestion job record (synced: job state must survive a crash).
+    pub fn put_job(&self, source: &str, item: &str, value: &[u8]) -> Result<()> {
+        self.db.put_cf_opt(self.cf(CF_JOBS)?, job_key(source, item), value, &sync_write())?;
+        Ok(())
+    }
+
+    /// Reads a job record.
+    pub fn get_job(&self, source: &str, item: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_JOBS)?, job_key(source, item))?)
+    }
+
+    /// Every job record of a source (or of all sources when `source` is None), raw JSON.
+    pub fn list_jobs(&self, source: Option<&str>) -> Result<Vec<Vec<u8>>> {
+        let prefix = source.map(|s| job_key(s, "")).unwrap_or_default();
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_JOBS)?, IteratorMode::From(&prefix, Direction::Forward)) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(v.to_vec());
+        }
+        Ok(out)
+    }
+
     /// Flushes memtables (used at shutdown, so restarts need no WAL replay).
     pub fn flush(&self) -> Result<()> {
         for name in ALL_CFS {
