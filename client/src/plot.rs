@@ -299,9 +299,9 @@ fn is_svg<DB: DrawingBackend>() -> bool {
 /// plotters' ab_glyph renderer places each glyph's pixel box at the pen position, dropping the
 /// whole-pixel part of the left side bearing, so glyphs with wide bearings (`.`, `1`, `(`, `=`)
 /// drift left and leave gaps ("40. 0%"). Bitmap text is therefore drawn glyph by glyph, each
-/// shifted by this amount. DejaVu's bearings are nearly symmetric, so the ink's centre belongs
-/// at half the advance; the shift is that minus the centre of the ink as plotters draws it,
-/// measured once per glyph and size by rendering it.
+/// shifted by this amount. DejaVu's bearings are nearly symmetric, so the middle of the ink's
+/// extent belongs at half the advance; the shift is that minus the middle of the ink as
+/// plotters draws it, measured once per glyph and size by rendering it.
 fn bearing(c: char, size: f64) -> i32 {
     static CACHE: Mutex<Option<HashMap<(char, u32), i32>>> = Mutex::new(None);
     let key = (c, (size * 10.0).round() as u32);
@@ -328,18 +328,26 @@ fn bearing(c: char, size: f64) -> i32 {
             return 0;
         }
     }
-    let (mut sum, mut moment) = (0.0, 0.0);
-    for (i, px) in buf.chunks_exact(3).enumerate() {
-        let ink = (255 - px[0]) as f64;
-        let x = (i % w as usize) as f64 + 0.5 - pad as f64;
-        sum += ink;
-        moment += ink * x;
-    }
-    let v = if sum > 0.0 {
-        let shift = advance / 2.0 - moment / sum;
-        shift.round().clamp(-2.0, size / 2.0) as i32
-    } else {
-        0
+    // Ink extent with sub-pixel edges: an edge column's coverage says how much of it is inked.
+    let coverage: Vec<f64> = (0..w as usize)
+        .map(|x| {
+            (0..h as usize)
+                .map(|y| 255 - buf[(y * w as usize + x) * 3])
+                .max()
+                .unwrap_or(0) as f64
+                / 255.0
+        })
+        .collect();
+    let first = coverage.iter().position(|c| *c > 0.02);
+    let last = coverage.iter().rposition(|c| *c > 0.02);
+    let v = match (first, last) {
+        (Some(a), Some(b)) => {
+            let left = a as f64 + (1.0 - coverage[a]) - pad as f64;
+            let right = b as f64 + coverage[b] - pad as f64;
+            let shift = advance / 2.0 - (left + right) / 2.0;
+            shift.round().clamp(-2.0, size / 2.0) as i32
+        }
+        _ => 0,
     };
     if let Ok(mut m) = CACHE.lock() {
         m.get_or_insert_with(HashMap::new).insert(key, v);
@@ -634,7 +642,13 @@ impl Eigenfilters {
 
     fn ticks(&self) -> Vec<(f64, String)> {
         let v = self.vmax();
-        [-1.0, -0.5, 0.0, 0.5, 1.0]
+        // One row leaves a bar one tile high: three labels fit, five would crowd.
+        let steps: &[f64] = if self.rows.len() > 1 {
+            &[-1.0, -0.5, 0.0, 0.5, 1.0]
+        } else {
+            &[-1.0, 0.0, 1.0]
+        };
+        steps
             .iter()
             .map(|f| (0.5 + f / 2.0, format!("{:.2}", f * v)))
             .collect()
@@ -1234,11 +1248,18 @@ impl Boxplots {
         if !lo.is_finite() {
             return (0.0, 1.0);
         }
-        if hi - lo < 1e-12 {
-            return (lo - 0.5, hi + 0.5);
+        let (mut a, b) = if hi - lo < 1e-12 {
+            let span = if lo != 0.0 { lo.abs() * 0.5 } else { 1.0 };
+            (lo - span, hi + span)
+        } else {
+            let pad = (hi - lo) * 0.08;
+            (lo - pad, hi + pad * 1.8)
+        };
+        // Non-negative metrics (sparsity, entropy) keep their axis at zero.
+        if lo >= 0.0 && a < 0.0 {
+            a = -0.03 * b;
         }
-        let pad = (hi - lo) * 0.08;
-        (lo - pad, hi + pad * 1.8)
+        (a, b)
     }
 }
 
@@ -1824,6 +1845,23 @@ mod tests {
             .check()
             .is_err()
         );
+    }
+
+    #[test]
+    fn boxplot_ranges() {
+        let plot = |values: Vec<Vec<f64>>| Boxplots {
+            title: String::new(),
+            x_label: String::new(),
+            y_label: String::new(),
+            bins: vec!["a".into(); values.len()],
+            values,
+        };
+        let (lo, hi) = plot(vec![vec![0.0, 0.0], vec![0.0]]).y_range();
+        assert!(lo < 0.0 && lo > -0.1 && hi == 1.0, "{lo} {hi}");
+        let (lo, hi) = plot(vec![vec![-1.0, 1.0]]).y_range();
+        assert!(lo < -1.0 && hi > 1.0);
+        let (lo, hi) = plot(vec![vec![f64::NAN]]).y_range();
+        assert_eq!((lo, hi), (0.0, 1.0));
     }
 
     #[test]

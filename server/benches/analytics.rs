@@ -569,15 +569,13 @@ fn layer_batch(schema: &SchemaRef, l: &LayerRows<'_>) -> anyhow::Result<RecordBa
 struct Timing {
     p50: f64,
     p95: f64,
-    min: f64,
-    runs: usize,
 }
 
 fn timing(mut ds: Vec<Duration>) -> Timing {
     ds.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let rank = |p: f64| ds[((p * ds.len() as f64).ceil() as usize).clamp(1, ds.len()) - 1];
-    Timing { p50: ms(rank(0.5)), p95: ms(rank(0.95)), min: ms(ds[0]), runs: ds.len() }
+    Timing { p50: ms(rank(0.5)), p95: ms(rank(0.95)) }
 }
 
 fn dir_size(p: &Path) -> u64 {
@@ -689,7 +687,8 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, work: &Path, t_al
     let (min_layer, max_layer) = (sizes.iter().min().copied().unwrap_or(0), sizes.iter().max().copied().unwrap_or(0));
     let max_depth = plan.models.iter().flat_map(|m| m.layers.iter().map(|l| l.conv_depth)).max().unwrap_or(0);
     eprintln!(
-        "plan: {n_models} models, {n_layers} layers, {n_filters} filters (layer sizes {min_layer}..{max_layer}, skew k = {:.3}, max conv_depth {max_depth}) in {:.2?}",
+        "plan: {n_models} models, {n_layers} layers, {n_filters} filters (layer sizes {min_layer}..{max_layer}, cap {}, skew k = {:.3}, max conv_depth {max_depth}) in {:.2?}",
+        plan.max_layer,
         plan.skew_k,
         t.elapsed()
     );

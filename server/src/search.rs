@@ -245,7 +245,9 @@ impl PartialOrd for Candidate {
 }
 impl Ord for Candidate {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        self.distance.total_cmp(&o.distance).then(self.filter_id.cmp(&o.filter_id))
+        self.distance
+            .total_cmp(&o.distance)
+            .then(self.filter_id.cmp(&o.filter_id))
     }
 }
 
@@ -257,12 +259,19 @@ struct TopK {
 
 impl TopK {
     fn new(k: usize) -> Self {
-        TopK { k, heap: BinaryHeap::with_capacity(k + 1) }
+        TopK {
+            k,
+            heap: BinaryHeap::with_capacity(k + 1),
+        }
     }
 
     /// Distance a candidate must not exceed to be considered (∞ until the heap is full).
     fn bound(&self) -> f64 {
-        if self.heap.len() < self.k { f64::INFINITY } else { self.heap.peek().map_or(f64::INFINITY, |c| c.distance) }
+        if self.heap.len() < self.k {
+            f64::INFINITY
+        } else {
+            self.heap.peek().map_or(f64::INFINITY, |c| c.distance)
+        }
     }
 
     fn offer(&mut self, c: Candidate) {
@@ -287,7 +296,13 @@ struct ScanSpec<'a> {
 impl ScanSpec<'_> {
     /// Distances of `LANES` filters at once (`chunk` holds LANES·9 values), each lane summed in
     /// the same order as [`sq_dist`].
-    fn lanes(&self, chunk: &[f32], d: &mut [f64; LANES], flip: &mut [bool; LANES], raw_max: &mut [f64; LANES]) {
+    fn lanes(
+        &self,
+        chunk: &[f32],
+        d: &mut [f64; LANES],
+        flip: &mut [bool; LANES],
+        raw_max: &mut [f64; LANES],
+    ) {
         let mut x = [[0f64; LANES]; 9];
         for (l, f) in chunk.chunks_exact(9).enumerate().take(LANES) {
             for (k, v) in f.iter().enumerate() {
@@ -374,14 +389,23 @@ impl ScanSpec<'_> {
     fn dropped(&self, raw_max: f64, threshold: f64) -> bool {
         let c = &self.conditions;
         (c.exclude_zero && raw_max == 0.0)
-            || (c.exclude_sparse && if c.sparse_strict { raw_max < threshold } else { raw_max <= threshold })
+            || (c.exclude_sparse
+                && if c.sparse_strict {
+                    raw_max < threshold
+                } else {
+                    raw_max <= threshold
+                })
     }
 
     /// Scans filters `[start, end)` of one layer (values in `vals`) into `top`.
     fn scan(&self, slot: usize, layer: &CatalogLayer, start: u64, vals: &[f32], top: &mut TopK) {
         let first_id = layer.record.first_filter_id + start;
         let abs_max = layer.stats.abs_max;
-        let threshold = if abs_max == 0.0 { 1.0 } else { self.conditions.sparse_eps * abs_max };
+        let threshold = if abs_max == 0.0 {
+            1.0
+        } else {
+            self.conditions.sparse_eps * abs_max
+        };
         let consider = |i: usize, d: f64, flipped: bool, raw_max: f64, top: &mut TopK| {
             let id = first_id + i as u64;
             let d = if d.is_nan() { f64::NAN } else { d };
@@ -391,7 +415,14 @@ impl ScanSpec<'_> {
             }
             let mut kernel = [0f32; 9];
             kernel.copy_from_slice(&vals[i * 9..i * 9 + 9]);
-            top.offer(Candidate { distance: d, filter_id: id, kernel, flipped, slot, index: start + i as u64 });
+            top.offer(Candidate {
+                distance: d,
+                filter_id: id,
+                kernel,
+                flipped,
+                slot,
+                index: start + i as u64,
+            });
         };
         let n = vals.len() / 9;
         let mut i = 0;
@@ -434,7 +465,10 @@ impl Engine {
     pub fn nearest(&self, q: &NearestQuery, max_k: usize) -> Result<NearestAnswer> {
         let started = Instant::now();
         if q.k == 0 || q.k > max_k {
-            return Err(EngineError::InvalidArgument(format!("k must be between 1 and {max_k}, got {}", q.k)));
+            return Err(EngineError::InvalidArgument(format!(
+                "k must be between 1 and {max_k}, got {}",
+                q.k
+            )));
         }
         let c = &q.conditions;
         if c.exclude_sparse && !(c.sparse_eps > 0.0 && c.sparse_eps < 1.0) {
@@ -460,7 +494,10 @@ impl Engine {
                             .into(),
                     )
                 })?;
-                (Metric::Basis(Box::new(record_basis(&p.record)), components), Some(p.record.version))
+                (
+                    Metric::Basis(Box::new(record_basis(&p.record)), components),
+                    Some(p.record.version),
+                )
             }
         };
         if let Query::Kernel(k) = &q.query {
@@ -483,10 +520,14 @@ impl Engine {
                         ))
                     })?;
                     let idx = id - l.record.first_filter_id;
-                    let v = self.store.read_layer_filters(Some(&snapshot), &l.record, idx, idx + 1)?;
+                    let v =
+                        self.store
+                            .read_layer_filters(Some(&snapshot), &l.record, idx, idx + 1)?;
                     let mut k = [0f32; 9];
                     k.copy_from_slice(v.get(..9).ok_or_else(|| {
-                        EngineError::NotFound(format!("filter id {id}: its layer holds no such filter"))
+                        EngineError::NotFound(format!(
+                            "filter id {id}: its layer holds no such filter"
+                        ))
                     })?);
                     check_kernel(&k, &format!("stored filter {id}"))?;
                     k
@@ -604,7 +645,11 @@ mod tests {
                 x ^= x >> 17;
                 x ^= x << 5;
                 // Some exact zeros and repeated values, to exercise zero filters and ties.
-                if i % 41 < 9 { 0.0 } else { ((x % 7) as f32 - 3.0) * 0.25 }
+                if i % 41 < 9 {
+                    0.0
+                } else {
+                    ((x % 7) as f32 - 3.0) * 0.25
+                }
             })
             .collect()
     }
@@ -614,7 +659,11 @@ mod tests {
         let vals = pseudo_random(9 * 64, 7);
         for metric in [Metric::Raw, Metric::Scaled, Metric::Cosine] {
             for sign in [false, true] {
-                let s = spec(&metric, &[0.5, -0.25, 0.0, 1.0, 0.75, -1.0, 0.25, 0.0, -0.5], sign);
+                let s = spec(
+                    &metric,
+                    &[0.5, -0.25, 0.0, 1.0, 0.75, -1.0, 0.25, 0.0, -0.5],
+                    sign,
+                );
                 for chunk in vals.chunks_exact(9 * LANES) {
                     let (mut d, mut fl, mut m) = ([0f64; LANES], [false; LANES], [0f64; LANES]);
                     s.lanes(chunk, &mut d, &mut fl, &mut m);
@@ -632,8 +681,22 @@ mod tests {
     #[test]
     fn top_k_keeps_the_smallest_with_ties_by_id() {
         let mut t = TopK::new(3);
-        let c = |d: f64, id: u64| Candidate { distance: d, filter_id: id, kernel: [0.0; 9], flipped: false, slot: 0, index: 0 };
-        for (d, id) in [(1.0, 5), (1.0, 2), (0.5, 9), (1.0, 1), (f64::NAN, 0), (2.0, 3)] {
+        let c = |d: f64, id: u64| Candidate {
+            distance: d,
+            filter_id: id,
+            kernel: [0.0; 9],
+            flipped: false,
+            slot: 0,
+            index: 0,
+        };
+        for (d, id) in [
+            (1.0, 5),
+            (1.0, 2),
+            (0.5, 9),
+            (1.0, 1),
+            (f64::NAN, 0),
+            (2.0, 3),
+        ] {
             t.offer(c(d, id));
         }
         let mut v = t.heap.into_vec();

@@ -64,35 +64,47 @@ async fn setup(dir: &Path) -> TestServer {
     server
 }
 
-/// Everything a client can see, for comparing two servers.
-async fn answers(url: &str) -> Vec<String> {
+/// Everything a client can see, for comparing two servers (proto equality: maps compare as maps).
+#[derive(Debug, PartialEq)]
+struct Answers {
+    models: pb::ListModelsResponse,
+    layers: Vec<pb::ListLayersResponse>,
+    filters: Vec<(Vec<u64>, Vec<u32>)>,
+    census: pb::CensusResponse,
+    pinned: pb::PinnedBasis,
+    distributions: pb::DistributionsResponse,
+    basis: pb::BasisResponse,
+}
+
+async fn answers(url: &str) -> Answers {
     let mut c = pb::filter_db_client::FilterDbClient::connect(url.to_string()).await.unwrap().max_decoding_message_size(64 << 20);
     let mut a = pb::analytics_client::AnalyticsClient::connect(url.to_string()).await.unwrap().max_decoding_message_size(64 << 20);
-    let mut out = Vec::new();
     let models = c.list_models(pb::ListModelsRequest { page_size: 1000, ..Default::default() }).await.unwrap().into_inner();
-    out.push(format!("{models:?}"));
+    let (mut layers, mut filters) = (Vec::new(), Vec::new());
     for m in &models.models {
         let r = pb::ModelRef { r#ref: Some(pb::model_ref::Ref::Id(m.model_id)) };
-        let layers = c.list_layers(pb::ListLayersRequest { model: Some(r.clone()), ..Default::default() }).await.unwrap().into_inner();
-        out.push(format!("{layers:?}"));
+        layers.push(c.list_layers(pb::ListLayersRequest { model: Some(r.clone()), ..Default::default() }).await.unwrap().into_inner());
         let req = pb::GetFiltersRequest {
             target: Some(pb::get_filters_request::Target::Model(pb::ModelFilters { model: Some(r), ..Default::default() })),
             batch_size: 1000,
         };
         let (ids, vals) = get_filters(&mut c, req).await.unwrap();
-        let bits: Vec<u32> = vals.iter().map(|v| v.to_bits()).collect();
-        out.push(format!("{ids:?} {bits:?}"));
+        filters.push((ids, vals.iter().map(|v| v.to_bits()).collect()));
     }
     let census = c
         .census(pb::CensusRequest { group_by: vec![pb::Field::Task as i32, pb::Field::VisualCategory as i32], ..Default::default() })
         .await
         .unwrap()
         .into_inner();
-    out.push(format!("{census:?}"));
-    out.push(format!("{:?}", a.get_pinned_basis(pb::GetPinnedBasisRequest {}).await.unwrap().into_inner()));
-    out.push(format!("{:?}", a.distributions(pb::DistributionsRequest::default()).await.unwrap().into_inner()));
-    out.push(format!("{:?}", a.basis(pb::BasisRequest::default()).await.unwrap().into_inner()));
-    out
+    Answers {
+        models,
+        layers,
+        filters,
+        census,
+        pinned: a.get_pinned_basis(pb::GetPinnedBasisRequest {}).await.unwrap().into_inner(),
+        distributions: a.distributions(pb::DistributionsRequest::default()).await.unwrap().into_inner(),
+        basis: a.basis(pb::BasisRequest::default()).await.unwrap().into_inner(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,10 +158,13 @@ async fn snapshot_restore_round_trip_is_bit_identical() {
 
     let server2 = TestServer::start(restored.path()).await;
     let got = answers(&server2.url).await;
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(&want) {
-        assert!(g == w, "restored answer differs:\n got {}\nwant {}", &g[..g.len().min(2000)], &w[..w.len().min(2000)]);
-    }
+    assert_eq!(got.models, want.models);
+    assert_eq!(got.layers, want.layers);
+    assert!(got.filters == want.filters, "filters differ");
+    assert_eq!(got.census, want.census);
+    assert_eq!(got.pinned, want.pinned);
+    assert_eq!(got.distributions, want.distributions);
+    assert_eq!(got.basis, want.basis);
     // The restored database continues the id sequence.
     let mut c = server2.client().await;
     let r = ingest_fixture(&mut c, meta("after", "imagenet", "Classification", "resnet"), "tinynet_f16.safetensors").await.unwrap();

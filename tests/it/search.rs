@@ -15,10 +15,25 @@ const FIXTURES: &[(&str, &str, &str, &str)] = &[
     ("zip", "tinynet_zip.pt", "imagenet", "Classification"),
     // Same values as tinynet_zip.pt: every filter has an exact twin with a higher id.
     ("legacy", "tinynet_legacy.pt", "imagenet", "Classification"),
-    ("onnx", "tinynet_initializers.onnx", "mimic-cxr", "Segmentation"),
+    (
+        "onnx",
+        "tinynet_initializers.onnx",
+        "mimic-cxr",
+        "Segmentation",
+    ),
     ("f64", "tinynet_f64.safetensors", "celeba", "GAN-Generator"),
-    ("f16", "tinynet_f16.safetensors", "cifar10", "Classification"),
-    ("natural", "natural_order.safetensors", "imagenet", "Classification"),
+    (
+        "f16",
+        "tinynet_f16.safetensors",
+        "cifar10",
+        "Classification",
+    ),
+    (
+        "natural",
+        "natural_order.safetensors",
+        "imagenet",
+        "Classification",
+    ),
 ];
 
 /// One stored filter as the brute force sees it.
@@ -39,7 +54,11 @@ enum Sp {
     Raw,
     Scaled,
     Cosine,
-    Basis { mean: Vec<f64>, comps: Vec<f64>, m: usize },
+    Basis {
+        mean: Vec<f64>,
+        comps: Vec<f64>,
+        m: usize,
+    },
 }
 
 impl Sp {
@@ -62,7 +81,11 @@ impl Sp {
                 for v in &x {
                     m = m.max(v.abs());
                 }
-                if m > 0.0 { x.iter().map(|v| v / m).collect() } else { x }
+                if m > 0.0 {
+                    x.iter().map(|v| v / m).collect()
+                } else {
+                    x
+                }
             }
             Sp::Cosine => {
                 let x: Vec<f64> = f.iter().map(|v| f64::from(*v)).collect();
@@ -71,7 +94,11 @@ impl Sp {
                     s += v * v;
                 }
                 let n = s.sqrt();
-                if n > 0.0 { x.iter().map(|v| v / n).collect() } else { x }
+                if n > 0.0 {
+                    x.iter().map(|v| v / n).collect()
+                } else {
+                    x
+                }
             }
             Sp::Basis { mean, comps, m } => {
                 // L∞ scaling in float32 (as the Analytics histograms), then c = V (s − μ).
@@ -79,7 +106,10 @@ impl Sp {
                 for v in f {
                     mx = mx.max(v.abs());
                 }
-                let s: Vec<f64> = f.iter().map(|v| f64::from(if mx > 0.0 { v / mx } else { *v })).collect();
+                let s: Vec<f64> = f
+                    .iter()
+                    .map(|v| f64::from(if mx > 0.0 { v / mx } else { *v }))
+                    .collect();
                 (0..*m)
                     .map(|i| {
                         let mut c = 0f64;
@@ -137,7 +167,11 @@ fn brute(
             continue;
         }
         let m = max_abs(&r.f);
-        let t = if r.abs_max == 0.0 { 1.0 } else { 0.01 * r.abs_max };
+        let t = if r.abs_max == 0.0 {
+            1.0
+        } else {
+            0.01 * r.abs_max
+        };
         if (cond.exclude_zero && m == 0.0) || (cond.exclude_sparse && m < t) {
             continue;
         }
@@ -227,9 +261,17 @@ fn random_safetensors(seed: u32) -> (Vec<u8>, Vec<Vec<f32>>) {
 }
 
 /// Appends a stored model's rows (values from `vals`, layers from ListLayers).
-async fn add_rows(c: &mut pb::filter_db_client::FilterDbClient<Channel>, db: &mut Vec<Row>, name: &str, vals: &[f32]) {
+async fn add_rows(
+    c: &mut pb::filter_db_client::FilterDbClient<Channel>,
+    db: &mut Vec<Row>,
+    name: &str,
+    vals: &[f32],
+) {
     let layers = c
-        .list_layers(pb::ListLayersRequest { model: Some(by_name(name)), selection: None })
+        .list_layers(pb::ListLayersRequest {
+            model: Some(by_name(name)),
+            selection: None,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -264,14 +306,22 @@ async fn setup(dir: &std::path::Path) -> Setup {
     let mut c = server.client().await;
     let mut db = Vec::new();
     for (name, file, dataset, task) in FIXTURES {
-        ingest_fixture(&mut c, meta(name, dataset, task, "resnet"), file).await.unwrap();
+        ingest_fixture(&mut c, meta(name, dataset, task, "resnet"), file)
+            .await
+            .unwrap();
         let (_, vals) = expected(file);
         add_rows(&mut c, &mut db, name, &vals).await;
     }
     let (bytes, layers) = random_safetensors(11);
-    ingest_bytes(&mut c, meta("rnd", "cifar100", "Classification", "vgg"), "rnd.safetensors", bytes, pb::NameConflict::Error)
-        .await
-        .unwrap();
+    ingest_bytes(
+        &mut c,
+        meta("rnd", "cifar100", "Classification", "vgg"),
+        "rnd.safetensors",
+        bytes,
+        pb::NameConflict::Error,
+    )
+    .await
+    .unwrap();
     let vals: Vec<f32> = layers.concat();
     add_rows(&mut c, &mut db, "rnd", &vals).await;
     db.sort_by_key(|r| r.id);
@@ -279,16 +329,31 @@ async fn setup(dir: &std::path::Path) -> Setup {
 }
 
 async fn search(server: &TestServer) -> SearchClient<Channel> {
-    SearchClient::connect(server.url.clone()).await.unwrap().max_decoding_message_size(64 << 20)
+    SearchClient::connect(server.url.clone())
+        .await
+        .unwrap()
+        .max_decoding_message_size(64 << 20)
 }
 
 async fn pin(server: &TestServer) -> Sp {
     let mut a = AnalyticsClient::connect(server.url.clone()).await.unwrap();
-    let mut s = a.pin_basis(pb::PinBasisRequest::default()).await.unwrap().into_inner();
+    let mut s = a
+        .pin_basis(pb::PinBasisRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     while s.message().await.unwrap().is_some() {}
-    let p = a.get_pinned_basis(pb::GetPinnedBasisRequest {}).await.unwrap().into_inner();
+    let p = a
+        .get_pinned_basis(pb::GetPinnedBasisRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let b = p.basis.unwrap();
-    Sp::Basis { mean: b.mean, comps: b.components, m: 9 }
+    Sp::Basis {
+        mean: b.mean,
+        comps: b.components,
+        m: 9,
+    }
 }
 
 /// Query kernels: stored ones (fixture and generated), their negations, random, discrete, zero.
@@ -315,24 +380,59 @@ fn query_kernels(db: &[Row]) -> Vec<[f32; 9]> {
 }
 
 fn check(ctx: &str, got: &pb::NearestResponse, want: &[(u64, f64, bool)], db: &[Row]) {
-    let g: Vec<(u64, u64, bool)> = got.neighbors.iter().map(|n| (n.filter_id, n.distance.to_bits(), n.sign_flipped)).collect();
-    let w: Vec<(u64, u64, bool)> = want.iter().map(|(id, d, f)| (*id, d.to_bits(), *f)).collect();
+    let g: Vec<(u64, u64, bool)> = got
+        .neighbors
+        .iter()
+        .map(|n| (n.filter_id, n.distance.to_bits(), n.sign_flipped))
+        .collect();
+    let w: Vec<(u64, u64, bool)> = want
+        .iter()
+        .map(|(id, d, f)| (*id, d.to_bits(), *f))
+        .collect();
     if g != w {
-        let show = |v: &[(u64, u64, bool)]| v.iter().map(|(i, d, f)| format!("{i}:{}{}", f64::from_bits(*d), if *f { "-" } else { "" })).collect::<Vec<_>>().join(" ");
+        let show = |v: &[(u64, u64, bool)]| {
+            v.iter()
+                .map(|(i, d, f)| format!("{i}:{}{}", f64::from_bits(*d), if *f { "-" } else { "" }))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         panic!("{ctx}\n got  {}\n want {}", show(&g), show(&w));
     }
     for n in &got.neighbors {
-        let r = db.binary_search_by_key(&n.filter_id, |r| r.id).map(|i| &db[i]).unwrap();
-        assert_eq!(kernel_of(&n.kernel).map(f32::to_bits), r.f.map(f32::to_bits), "{ctx}: kernel of {}", n.filter_id);
-        assert_eq!((n.model_name.as_str(), n.layer_index), (r.model.as_str(), r.layer_index), "{ctx}: owner of {}", n.filter_id);
+        let r = db
+            .binary_search_by_key(&n.filter_id, |r| r.id)
+            .map(|i| &db[i])
+            .unwrap();
+        assert_eq!(
+            kernel_of(&n.kernel).map(f32::to_bits),
+            r.f.map(f32::to_bits),
+            "{ctx}: kernel of {}",
+            n.filter_id
+        );
+        assert_eq!(
+            (n.model_name.as_str(), n.layer_index),
+            (r.model.as_str(), r.layer_index),
+            "{ctx}: owner of {}",
+            n.filter_id
+        );
         let idx = n.filter_id - r.first_filter_id;
         assert_eq!(n.index_in_layer, idx);
-        assert_eq!((n.out_channel, n.in_channel), ((idx / u64::from(r.in_channels)) as u32, (idx % u64::from(r.in_channels)) as u32));
+        assert_eq!(
+            (n.out_channel, n.in_channel),
+            (
+                (idx / u64::from(r.in_channels)) as u32,
+                (idx % u64::from(r.in_channels)) as u32
+            )
+        );
     }
     let mut owners: Vec<u64> = got.neighbors.iter().map(|n| n.model_id).collect();
     owners.sort();
     owners.dedup();
-    assert_eq!(got.models.iter().map(|m| m.model_id).collect::<Vec<_>>(), owners, "{ctx}: owning models");
+    assert_eq!(
+        got.models.iter().map(|m| m.model_id).collect::<Vec<_>>(),
+        owners,
+        "{ctx}: owning models"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,21 +452,39 @@ async fn search_exact_equals_brute_force_in_every_space() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
     let basis = pin(&server).await;
-    let Sp::Basis { mean, comps, .. } = &basis else { unreachable!() };
-    let basis3 = Sp::Basis { mean: mean.clone(), comps: comps.clone(), m: 3 };
+    let Sp::Basis { mean, comps, .. } = &basis else {
+        unreachable!()
+    };
+    let basis3 = Sp::Basis {
+        mean: mean.clone(),
+        comps: comps.clone(),
+        m: 3,
+    };
     let spaces = [Sp::Raw, Sp::Scaled, Sp::Cosine, basis.clone(), basis3];
 
     type Keep = Box<dyn Fn(&Row) -> bool>;
     let selections: Vec<(&str, Keep)> = vec![
         ("", Box::new(|_| true)),
-        ("model in (onnx, rnd)", Box::new(|r| r.model == "onnx" || r.model == "rnd")),
-        ("layer_index >= 1 and model != rnd", Box::new(|r| r.layer_index >= 1 && r.model != "rnd")),
+        (
+            "model in (onnx, rnd)",
+            Box::new(|r| r.model == "onnx" || r.model == "rnd"),
+        ),
+        (
+            "layer_index >= 1 and model != rnd",
+            Box::new(|r| r.layer_index >= 1 && r.model != "rnd"),
+        ),
         ("model = nothing_here", Box::new(|_| false)),
     ];
     let conds = [
         Cond::default(),
-        Cond { exclude_zero: true, exclude_sparse: false },
-        Cond { exclude_zero: false, exclude_sparse: true },
+        Cond {
+            exclude_zero: true,
+            exclude_sparse: false,
+        },
+        Cond {
+            exclude_zero: false,
+            exclude_sparse: true,
+        },
     ];
     let queries = query_kernels(&db);
     let ks = [1usize, 7, 50, 1000];
@@ -391,7 +509,10 @@ async fn search_exact_equals_brute_force_in_every_space() {
                             space: space as i32,
                             components,
                             sign_invariant: sign,
-                            selection: (!expr.is_empty()).then(|| pb::Selection { expr: expr.to_string(), ..Default::default() }),
+                            selection: (!expr.is_empty()).then(|| pb::Selection {
+                                expr: expr.to_string(),
+                                ..Default::default()
+                            }),
                             conditions: Some(pb::FilterConditions {
                                 exclude_zero: cond.exclude_zero,
                                 exclude_sparse: cond.exclude_sparse,
@@ -401,10 +522,15 @@ async fn search_exact_equals_brute_force_in_every_space() {
                         };
                         let got = s.nearest(req).await.unwrap().into_inner();
                         let want = brute(&db, q, sp, sign, k, keep.as_ref(), *cond, None);
-                        let ctx = format!("space {sp:?} m={components} sign={sign} where `{expr}` cond {cond:?} query {qi} k={k}");
+                        let ctx = format!(
+                            "space {sp:?} m={components} sign={sign} where `{expr}` cond {cond:?} query {qi} k={k}"
+                        );
                         check(&ctx.chars().take(300).collect::<String>(), &got, &want, &db);
                         assert_eq!(got.mode, pb::SearchMode::Exact as i32);
-                        assert_eq!((got.space, got.k, got.sign_invariant), (space as i32, k as u32, sign));
+                        assert_eq!(
+                            (got.space, got.k, got.sign_invariant),
+                            (space as i32, k as u32, sign)
+                        );
                         assert_eq!(got.query_kernel, kernel_bytes(q));
                         n_checked += 1;
                         n_flipped += want.iter().filter(|w| w.2).count();
@@ -432,8 +558,22 @@ async fn search_exact_equals_brute_force_in_every_space() {
             .unwrap()
             .into_inner();
         let q = db[db.binary_search_by_key(&(zip0.id + 3), |r| r.id).unwrap()].f;
-        let want = brute(&db, &q, &Sp::Raw, false, 5, &|_| true, Cond::default(), exclude.then_some(zip0.id + 3));
-        check(&format!("filter-id query exclude={exclude}"), &got, &want, &db);
+        let want = brute(
+            &db,
+            &q,
+            &Sp::Raw,
+            false,
+            5,
+            &|_| true,
+            Cond::default(),
+            exclude.then_some(zip0.id + 3),
+        );
+        check(
+            &format!("filter-id query exclude={exclude}"),
+            &got,
+            &want,
+            &db,
+        );
         assert_eq!(got.query_kernel, kernel_bytes(&q));
         assert_eq!(got.neighbors[0].distance, 0.0);
     }
@@ -453,12 +593,20 @@ async fn search_batch_errors_and_health() {
         .map(|(i, q)| pb::NearestRequest {
             query: Some(pb::nearest_request::Query::Kernel(kernel_bytes(q))),
             k: 3 + i as u32,
-            space: [pb::SearchSpace::Raw, pb::SearchSpace::Scaled, pb::SearchSpace::Cosine][i % 3] as i32,
+            space: [
+                pb::SearchSpace::Raw,
+                pb::SearchSpace::Scaled,
+                pb::SearchSpace::Cosine,
+            ][i % 3] as i32,
             sign_invariant: i % 2 == 0,
             ..Default::default()
         })
         .collect();
-    let mut stream = s.nearest_batch(tokio_stream::iter(reqs.clone())).await.unwrap().into_inner();
+    let mut stream = s
+        .nearest_batch(tokio_stream::iter(reqs.clone()))
+        .await
+        .unwrap()
+        .into_inner();
     let mut answers = Vec::new();
     while let Some(a) = stream.message().await.unwrap() {
         answers.push(a);
@@ -472,33 +620,107 @@ async fn search_batch_errors_and_health() {
 
     // A bad request ends the batch with its status, naming its position.
     let mut bad = reqs[..2].to_vec();
-    bad.push(pb::NearestRequest { query: Some(pb::nearest_request::Query::Kernel(vec![0; 35])), ..Default::default() });
-    let mut stream = s.nearest_batch(tokio_stream::iter(bad)).await.unwrap().into_inner();
+    bad.push(pb::NearestRequest {
+        query: Some(pb::nearest_request::Query::Kernel(vec![0; 35])),
+        ..Default::default()
+    });
+    let mut stream = s
+        .nearest_batch(tokio_stream::iter(bad))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(stream.message().await.unwrap().is_some());
     assert!(stream.message().await.unwrap().is_some());
     let e = stream.message().await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(e.message().contains("query 2") && e.message().contains("36 bytes"), "{}", e.message());
+    assert!(
+        e.message().contains("query 2") && e.message().contains("36 bytes"),
+        "{}",
+        e.message()
+    );
 
     // Invalid requests.
     let kernel = |v: [f32; 9]| Some(pb::nearest_request::Query::Kernel(kernel_bytes(&v)));
     let cases: Vec<(pb::NearestRequest, tonic::Code, &str)> = vec![
-        (pb::NearestRequest { query: kernel([0.0; 9]), k: 1001, ..Default::default() }, tonic::Code::InvalidArgument, "maximum of 1000"),
-        (pb::NearestRequest { query: kernel([0.0, f32::NAN, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]), ..Default::default() }, tonic::Code::InvalidArgument, "finite"),
-        (pb::NearestRequest { query: kernel([f32::INFINITY; 9]), ..Default::default() }, tonic::Code::InvalidArgument, "finite"),
-        (pb::NearestRequest { query: None, ..Default::default() }, tonic::Code::InvalidArgument, "kernel or a filter_id"),
-        (pb::NearestRequest { query: Some(pb::nearest_request::Query::FilterId(u64::MAX)), ..Default::default() }, tonic::Code::NotFound, "not stored"),
-        (pb::NearestRequest { query: kernel([0.0; 9]), space: 99, ..Default::default() }, tonic::Code::InvalidArgument, "space"),
-        (pb::NearestRequest { query: kernel([0.0; 9]), components: 3, ..Default::default() }, tonic::Code::InvalidArgument, "components"),
         (
-            pb::NearestRequest { query: kernel([0.0; 9]), selection: Some(pb::Selection { expr: "colour = red".into(), ..Default::default() }), ..Default::default() },
+            pb::NearestRequest {
+                query: kernel([0.0; 9]),
+                k: 1001,
+                ..Default::default()
+            },
+            tonic::Code::InvalidArgument,
+            "maximum of 1000",
+        ),
+        (
+            pb::NearestRequest {
+                query: kernel([0.0, f32::NAN, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]),
+                ..Default::default()
+            },
+            tonic::Code::InvalidArgument,
+            "finite",
+        ),
+        (
+            pb::NearestRequest {
+                query: kernel([f32::INFINITY; 9]),
+                ..Default::default()
+            },
+            tonic::Code::InvalidArgument,
+            "finite",
+        ),
+        (
+            pb::NearestRequest {
+                query: None,
+                ..Default::default()
+            },
+            tonic::Code::InvalidArgument,
+            "kernel or a filter_id",
+        ),
+        (
+            pb::NearestRequest {
+                query: Some(pb::nearest_request::Query::FilterId(u64::MAX)),
+                ..Default::default()
+            },
+            tonic::Code::NotFound,
+            "not stored",
+        ),
+        (
+            pb::NearestRequest {
+                query: kernel([0.0; 9]),
+                space: 99,
+                ..Default::default()
+            },
+            tonic::Code::InvalidArgument,
+            "space",
+        ),
+        (
+            pb::NearestRequest {
+                query: kernel([0.0; 9]),
+                components: 3,
+                ..Default::default()
+            },
+            tonic::Code::InvalidArgument,
+            "components",
+        ),
+        (
+            pb::NearestRequest {
+                query: kernel([0.0; 9]),
+                selection: Some(pb::Selection {
+                    expr: "colour = red".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
             tonic::Code::InvalidArgument,
             "colour",
         ),
         (
             pb::NearestRequest {
                 query: kernel([0.0; 9]),
-                conditions: Some(pb::FilterConditions { exclude_sparse: true, sparse_eps: 2.0, ..Default::default() }),
+                conditions: Some(pb::FilterConditions {
+                    exclude_sparse: true,
+                    sparse_eps: 2.0,
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
             tonic::Code::InvalidArgument,
@@ -512,21 +734,37 @@ async fn search_batch_errors_and_health() {
     }
     // k = 0 means 10; an approximate request is answered (and labelled) exact.
     let r = s
-        .nearest(pb::NearestRequest { query: kernel([0.1; 9]), mode: pb::SearchMode::Approximate as i32, ..Default::default() })
+        .nearest(pb::NearestRequest {
+            query: kernel([0.1; 9]),
+            mode: pb::SearchMode::Approximate as i32,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((r.k, r.neighbors.len(), r.mode), (10, 10, pb::SearchMode::Exact as i32));
+    assert_eq!(
+        (r.k, r.neighbors.len(), r.mode),
+        (10, 10, pb::SearchMode::Exact as i32)
+    );
     assert_eq!(r.filters_scanned, db.len() as u64);
 
-    let channel = tonic::transport::Endpoint::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let h = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "filterdb.v1.Search".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "filterdb.v1.Search".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     server.stop().await;
 }
 
@@ -538,7 +776,10 @@ async fn search_exact_equals_numpy() {
     let Setup { server, db } = setup(dir.path()).await;
     let mut s = search(&server).await;
     let tmp = tempfile::tempdir().unwrap();
-    let vals: Vec<u8> = db.iter().flat_map(|r| r.f.iter().flat_map(|v| v.to_le_bytes())).collect();
+    let vals: Vec<u8> = db
+        .iter()
+        .flat_map(|r| r.f.iter().flat_map(|v| v.to_le_bytes()))
+        .collect();
     let ids: Vec<u8> = db.iter().flat_map(|r| r.id.to_le_bytes()).collect();
     let queries = query_kernels(&db);
     let qbytes: Vec<u8> = queries.iter().flat_map(|q| kernel_bytes(q)).collect();
@@ -569,17 +810,30 @@ print(json.dumps(out))
 "#;
     let python = std::env::var("FILTERDB_PYTHON").unwrap_or_else(|_| {
         let venv = "/var/cache/filterdb/venv/bin/python";
-        if std::path::Path::new(venv).exists() { venv.to_string() } else { "python3".to_string() }
+        if std::path::Path::new(venv).exists() {
+            venv.to_string()
+        } else {
+            "python3".to_string()
+        }
     });
     let out = std::process::Command::new(python)
         .args(["-c", script])
         .arg(tmp.path())
         .arg(K.to_string())
         .output()
-        .expect("run python with numpy (set FILTERDB_PYTHON or run .ci/run, which creates the venv)");
-    assert!(out.status.success(), "numpy failed: {}", String::from_utf8_lossy(&out.stderr));
+        .expect(
+            "run python with numpy (set FILTERDB_PYTHON or run .ci/run, which creates the venv)",
+        );
+    assert!(
+        out.status.success(),
+        "numpy failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let np: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for (space, pspace) in [("raw", pb::SearchSpace::Raw), ("cosine", pb::SearchSpace::Cosine)] {
+    for (space, pspace) in [
+        ("raw", pb::SearchSpace::Raw),
+        ("cosine", pb::SearchSpace::Cosine),
+    ] {
         for (qi, q) in queries.iter().enumerate() {
             let got = s
                 .nearest(pb::NearestRequest {
@@ -596,10 +850,18 @@ print(json.dumps(out))
             for (r, (n, w)) in got.neighbors.iter().zip(want).enumerate() {
                 let (wid, wd) = (w[0].as_u64().unwrap(), w[1].as_f64().unwrap());
                 let tol = 1e-12 * (1.0 + wd.abs());
-                assert!((n.distance - wd).abs() <= tol, "{space} query {qi} rank {r}: {} vs numpy {wd}", n.distance);
+                assert!(
+                    (n.distance - wd).abs() <= tol,
+                    "{space} query {qi} rank {r}: {} vs numpy {wd}",
+                    n.distance
+                );
                 if n.filter_id != wid {
                     // Only a (near-)tie may order differently under numpy's rounding.
-                    let other = got.neighbors.iter().find(|m| m.filter_id == wid).map(|m| m.distance);
+                    let other = got
+                        .neighbors
+                        .iter()
+                        .find(|m| m.filter_id == wid)
+                        .map(|m| m.distance);
                     let last = got.neighbors.last().map_or(f64::NAN, |m| m.distance);
                     assert!(
                         other.map_or((wd - last).abs() <= tol, |o| (o - n.distance).abs() <= tol),
@@ -610,5 +872,141 @@ print(json.dumps(out))
             }
         }
     }
+    server.stop().await;
+}
+
+fn cli() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("filterdb");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo nextest run --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+/// `filterdb nearest` prints 3x3 grids and, with --json, the brute-force answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_cli_nearest_text_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let Setup { server, db } = setup(dir.path()).await;
+    let q = db[40].f;
+    let text: Vec<String> = q.iter().map(|v| format!("{v:e}")).collect();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(cli())
+            .arg("--server")
+            .arg(&server.url)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let kernel = text.join(",");
+    let json_out = run(&[
+        "--json",
+        "nearest",
+        "--kernel",
+        &kernel,
+        "-k",
+        "12",
+        "--space",
+        "cosine",
+        "--where",
+        "model != rnd",
+        "--exact",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json_out).unwrap();
+    let want = brute(
+        &db,
+        &q,
+        &Sp::Cosine,
+        false,
+        12,
+        &|r| r.model != "rnd",
+        Cond::default(),
+        None,
+    );
+    let got: Vec<(u64, f64)> = v["neighbors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["filter_id"].as_u64().unwrap(),
+                n["distance"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want.iter().map(|w| (w.0, w.1)).collect::<Vec<_>>());
+    assert_eq!(
+        (v["mode"].as_str(), v["space"].as_str()),
+        (Some("exact"), Some("cosine"))
+    );
+
+    let out = run(&[
+        "nearest",
+        "--filter-id",
+        &db[40].id.to_string(),
+        "-k",
+        "3",
+        "--sign-invariant",
+    ]);
+    assert!(out.contains("3 nearest to filter"), "{out}");
+    assert!(out.contains("exact mode"), "{out}");
+    // The query's own row shows its kernel as a 3x3 grid.
+    let row0: String = q[..3]
+        .iter()
+        .map(|v| {
+            if v.is_sign_negative() {
+                format!("{v:.4}")
+            } else {
+                format!(" {v:.4}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        out.lines().any(
+            |l| l.split_whitespace().collect::<Vec<_>>().join(" ").contains(
+                row0.split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .as_str()
+            )
+        ),
+        "{out}"
+    );
+
+    // Bad input fails with the server's message.
+    let out = std::process::Command::new(cli())
+        .arg("--server")
+        .arg(&server.url)
+        .args(["nearest", "--kernel", "1,2,3"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("9 comma-separated"));
+    let out = std::process::Command::new(cli())
+        .arg("--server")
+        .arg(&server.url)
+        .args(["nearest", "--kernel", &kernel, "-k", "5000"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("INVALID_ARGUMENT"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     server.stop().await;
 }

@@ -107,7 +107,8 @@ def main():
     # --- pyarrow: types, partition pruning, and kernels bit-exact against GetFilters.
     dataset = ds.dataset(snap / "filters", format="parquet", partitioning="hive")
     kernel_type = dataset.schema.field("kernel").type
-    assert kernel_type == pa.list_(pa.float32(), 9), kernel_type
+    assert pa.types.is_fixed_size_list(kernel_type) and kernel_type.list_size == 9, kernel_type
+    assert kernel_type.value_type == pa.float32(), kernel_type
     frags = list(dataset.get_fragments(filter=ds.field("task") == "Segmentation"))
     assert 0 < len(frags) < len(list(dataset.get_fragments())), frags
     models = pq.read_table(snap / "models.parquet")

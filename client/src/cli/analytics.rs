@@ -508,7 +508,11 @@ pub async fn basis(ctx: &Ctx, a: BasisArgs) -> anyhow::Result<()> {
                 field_name(f),
                 what(a.where_.as_deref())
             ),
-            None => format!("Eigenfilters of {} {kind} filters", overall.n),
+            None => format!(
+                "Eigenfilters of {} {kind} filters ({})",
+                overall.n,
+                what(a.where_.as_deref())
+            ),
         };
         plot_line = write_plot(&plot::Eigenfilters { title, rows }, path)?;
     }
@@ -1200,6 +1204,31 @@ fn profile_table(cells: &[filterdb_client::proto::DepthProfileCell]) -> ProfileT
     (models, map)
 }
 
+/// Depth bins in depth order: `first`, then by the lower bound of the interval (the server
+/// may list `[0.0, 0.1]` after the `(…]` bins, as strings sort).
+fn depth_order(bins: &[String]) -> Vec<String> {
+    let key = |b: &String| -> (u8, f64) {
+        if b.trim().eq_ignore_ascii_case("first") {
+            return (0, 0.0);
+        }
+        let num: String = b
+            .trim_start_matches(['[', '(', ' '])
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'))
+            .collect();
+        match num.parse::<f64>() {
+            Ok(v) => (1, v),
+            Err(_) => (2, 0.0),
+        }
+    };
+    let mut out = bins.to_vec();
+    out.sort_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1))
+    });
+    out
+}
+
 /// `filterdb depth-profile`.
 pub async fn depth_profile(ctx: &Ctx, a: DepthProfileArgs) -> anyhow::Result<()> {
     check_plot_path(a.plot.as_deref())?;
@@ -1217,8 +1246,8 @@ pub async fn depth_profile(ctx: &Ctx, a: DepthProfileArgs) -> anyhow::Result<()>
             .await,
     )?;
     let (models, map) = profile_table(&r.cells);
-    let per_bin: Vec<Vec<f64>> = r
-        .bins
+    let bins = depth_order(&r.bins);
+    let per_bin: Vec<Vec<f64>> = bins
         .iter()
         .map(|b| {
             models
@@ -1254,7 +1283,7 @@ pub async fn depth_profile(ctx: &Ctx, a: DepthProfileArgs) -> anyhow::Result<()>
                 title,
                 x_label,
                 y_label: a.metric.label().to_string(),
-                bins: r.bins.clone(),
+                bins: bins.clone(),
                 values: per_bin.clone(),
             },
             path,
@@ -1284,19 +1313,15 @@ pub async fn depth_profile(ctx: &Ctx, a: DepthProfileArgs) -> anyhow::Result<()>
         return Ok(emit(&out)?);
     }
     let mut headers = vec!["model".to_string()];
-    headers.extend(r.bins.iter().cloned());
+    headers.extend(bins.iter().cloned());
     let header_refs: Vec<&str> = headers.iter().map(String::as_str).collect();
-    let mut t = table(&header_refs, &(1..=r.bins.len()).collect::<Vec<_>>());
+    let mut t = table(&header_refs, &(1..=bins.len()).collect::<Vec<_>>());
     for m in &models {
         let mut row = vec![m.clone()];
-        row.extend(
-            r.bins
-                .iter()
-                .map(|b| match map.get(&(m.clone(), b.clone())) {
-                    Some((v, _)) => num(*v, 3),
-                    None => String::new(),
-                }),
-        );
+        row.extend(bins.iter().map(|b| match map.get(&(m.clone(), b.clone())) {
+            Some((v, _)) => num(*v, 3),
+            None => String::new(),
+        }));
         t.add_row(row);
     }
     if models.len() > 1 {
@@ -1454,6 +1479,18 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(flags(&row), "DEGENERATE, sparse-heavy");
+    }
+
+    #[test]
+    fn depth_bins_sort_by_depth() {
+        let bins: Vec<String> = ["(0.1, 0.2]", "(0.9, 1.0]", "[0.0, 0.1]", "first", "other"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            depth_order(&bins),
+            vec!["first", "[0.0, 0.1]", "(0.1, 0.2]", "(0.9, 1.0]", "other"]
+        );
     }
 
     #[test]

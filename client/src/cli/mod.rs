@@ -4,7 +4,10 @@ mod analytics;
 mod commands;
 mod export;
 mod ingest;
+mod jobs;
 mod manifest;
+mod nearest;
+mod profile;
 mod render;
 
 use std::path::PathBuf;
@@ -69,8 +72,14 @@ pub enum Command {
     DepthProfile(analytics::DepthProfileArgs),
     /// 2-D density of two coefficient components, plotted on a log colour scale.
     Density(analytics::DensityArgs),
+    /// The k stored filters nearest to a kernel or a stored filter (exact scan).
+    Nearest(nearest::NearestArgs),
     /// Write a point-in-time Parquet snapshot of the whole database (on the server's host).
     Snapshot(export::SnapshotArgs),
+    /// Scheduled-ingestion sources and the state of every item they have seen
+    Jobs(jobs::JobsArgs),
+    /// Profile a checkpoint against the database: per-layer quality and drift to every group
+    Profile(profile::ProfileArgs),
     /// Write the layers and filters of a selection as a Parquet dataset (on the server's host).
     Export(export::ExportArgs),
 }
@@ -346,7 +355,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Degenerate(a) => analytics::degenerate(&ctx, a).await?,
         Command::DepthProfile(a) => analytics::depth_profile(&ctx, a).await?,
         Command::Density(a) => analytics::density(&ctx, a).await?,
+        Command::Nearest(a) => nearest::nearest(&ctx, a).await?,
         Command::Snapshot(a) => export::snapshot(&ctx, a).await?,
+        Command::Jobs(a) => jobs::run(&ctx, a).await?,
+        Command::Profile(a) => profile::run(&ctx, a).await?,
         Command::Export(a) => export::export(&ctx, a).await?,
     }
     Ok(ExitCode::SUCCESS)

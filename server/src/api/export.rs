@@ -57,16 +57,15 @@ fn run(
 ) -> BoxStream<pb::SnapshotProgress> {
     let (tx, rx) = mpsc::channel(16);
     tokio::task::spawn_blocking(move || {
-        let last =
-            std::sync::Mutex::new(std::time::Instant::now() - std::time::Duration::from_secs(1));
+        let last = std::sync::Mutex::new((std::time::Instant::now(), ""));
         let ptx = tx.clone();
         let progress = move |p: Progress| {
-            // At most ~4 messages a second; phase changes always go out (unless the client is slow).
+            // Phase changes always go out; within a phase at most ~4 messages a second.
             let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
-            if p.phase == "filters" && l.elapsed() < std::time::Duration::from_millis(250) {
+            if l.1 == p.phase && l.0.elapsed() < std::time::Duration::from_millis(250) {
                 return;
             }
-            *l = std::time::Instant::now();
+            *l = (std::time::Instant::now(), p.phase);
             let _ = ptx.try_send(Ok(pb::SnapshotProgress {
                 phase: p.phase.to_string(),
                 filters_done: p.done,

@@ -10,7 +10,9 @@ use tonic::{Request, Response, Status, Streaming};
 use super::convert::{model_out, selection, status};
 use super::{BoxStream, blocking};
 use crate::engine::Engine;
-use crate::search::{DEFAULT_K, DEFAULT_MAX_K, FilterConditions, Mode, NearestAnswer, NearestQuery, Query, Space};
+use crate::search::{
+    DEFAULT_K, DEFAULT_MAX_K, FilterConditions, Mode, NearestAnswer, NearestQuery, Query, Space,
+};
 
 /// The Search service.
 #[derive(Clone)]
@@ -22,7 +24,10 @@ pub struct SearchService {
 impl SearchService {
     /// Wraps an engine with the default maximum k.
     pub fn new(engine: Arc<Engine>) -> Self {
-        SearchService { engine, max_k: DEFAULT_MAX_K }
+        SearchService {
+            engine,
+            max_k: DEFAULT_MAX_K,
+        }
     }
 
     /// Sets the largest k a request may ask for.
@@ -47,24 +52,47 @@ impl SearchService {
                 Query::Kernel(k)
             }
             Some(pb::nearest_request::Query::FilterId(id)) => Query::FilterId(*id),
-            None => return Err(Status::invalid_argument("query: give a kernel or a filter_id")),
+            None => {
+                return Err(Status::invalid_argument(
+                    "query: give a kernel or a filter_id",
+                ));
+            }
         };
         let k = if r.k == 0 { DEFAULT_K } else { r.k as usize };
         if k > self.max_k {
-            return Err(Status::invalid_argument(format!("k = {k} is above this server's maximum of {}", self.max_k)));
+            return Err(Status::invalid_argument(format!(
+                "k = {k} is above this server's maximum of {}",
+                self.max_k
+            )));
         }
         let space = match pb::SearchSpace::try_from(r.space) {
             Ok(pb::SearchSpace::Unspecified | pb::SearchSpace::Raw) => Space::Raw,
             Ok(pb::SearchSpace::Scaled) => Space::Scaled,
             Ok(pb::SearchSpace::Cosine) => Space::Cosine,
-            Ok(pb::SearchSpace::Basis) => Space::Basis { components: if r.components == 0 { 9 } else { r.components as usize } },
-            Err(_) => return Err(Status::invalid_argument(format!("space: unknown value {}", r.space))),
+            Ok(pb::SearchSpace::Basis) => Space::Basis {
+                components: if r.components == 0 {
+                    9
+                } else {
+                    r.components as usize
+                },
+            },
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "space: unknown value {}",
+                    r.space
+                )));
+            }
         };
         if r.components != 0 && !matches!(space, Space::Basis { .. }) {
-            return Err(Status::invalid_argument("components: only meaningful with SEARCH_SPACE_BASIS"));
+            return Err(Status::invalid_argument(
+                "components: only meaningful with SEARCH_SPACE_BASIS",
+            ));
         }
         if pb::SearchMode::try_from(r.mode).is_err() {
-            return Err(Status::invalid_argument(format!("mode: unknown value {}", r.mode)));
+            return Err(Status::invalid_argument(format!(
+                "mode: unknown value {}",
+                r.mode
+            )));
         }
         let mut conditions = FilterConditions::default();
         if let Some(c) = &r.conditions {
@@ -86,7 +114,11 @@ impl SearchService {
         })
     }
 
-    async fn answer(&self, r: &pb::NearestRequest, index: u64) -> Result<pb::NearestResponse, Status> {
+    async fn answer(
+        &self,
+        r: &pb::NearestRequest,
+        index: u64,
+    ) -> Result<pb::NearestResponse, Status> {
         let q = self.query(r)?;
         let engine = self.engine.clone();
         let max_k = self.max_k;
@@ -100,7 +132,8 @@ fn kernel_bytes(k: &[f32; 9]) -> Vec<u8> {
 }
 
 fn response(a: &NearestAnswer, index: u64) -> pb::NearestResponse {
-    let mut models: Vec<&crate::store::records::ModelRecord> = a.neighbors.iter().map(|n| n.model.as_ref()).collect();
+    let mut models: Vec<&crate::store::records::ModelRecord> =
+        a.neighbors.iter().map(|n| n.model.as_ref()).collect();
     models.sort_by_key(|m| m.model_id);
     models.dedup_by_key(|m| m.model_id);
     pb::NearestResponse {
@@ -154,7 +187,10 @@ fn response(a: &NearestAnswer, index: u64) -> pb::NearestResponse {
 
 #[tonic::async_trait]
 impl pb::search_server::Search for SearchService {
-    async fn nearest(&self, request: Request<pb::NearestRequest>) -> Result<Response<pb::NearestResponse>, Status> {
+    async fn nearest(
+        &self,
+        request: Request<pb::NearestRequest>,
+    ) -> Result<Response<pb::NearestResponse>, Status> {
         let r = request.into_inner();
         Ok(Response::new(self.answer(&r, 0).await?))
     }
@@ -181,9 +217,10 @@ impl pb::search_server::Search for SearchService {
                 };
                 // Each query already uses every core (the scan runs on the rayon pool), so the
                 // batch answers one at a time, in order; the bounded channel applies backpressure.
-                let out = this.answer(&msg, index).await.map_err(|s| {
-                    Status::new(s.code(), format!("query {index}: {}", s.message()))
-                });
+                let out = this
+                    .answer(&msg, index)
+                    .await
+                    .map_err(|s| Status::new(s.code(), format!("query {index}: {}", s.message())));
                 let failed = out.is_err();
                 if tx.send(out).await.is_err() || failed {
                     break;
