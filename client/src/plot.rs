@@ -370,6 +370,8 @@ fn draw_text<DB: DrawingBackend>(
     vertical: bool,
 ) -> DrawResult<DB> {
     let nudge = match v {
+        // SVG viewers place text by its real metrics.
+        _ if is_svg::<DB>() => 0,
         VPos::Top => (0.22 * size) as i32,
         VPos::Center => (0.12 * size) as i32,
         VPos::Bottom => 0,

@@ -20,16 +20,21 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-struct Proc {
+pub struct Proc {
     child: Child,
-    url: String,
+    pub url: String,
 }
 
 impl Proc {
-    fn start(dir: &std::path::Path) -> Proc {
+    pub fn start(dir: &std::path::Path) -> Proc {
+        Self::start_with(dir, &[])
+    }
+
+    pub fn start_with(dir: &std::path::Path, extra: &[&str]) -> Proc {
         let port = free_port();
         let child = Command::new(server_binary())
             .args(["--data-dir", dir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -38,7 +43,7 @@ impl Proc {
         Proc { child, url: format!("http://127.0.0.1:{port}") }
     }
 
-    async fn client(&self) -> FilterDbClient<tonic::transport::Channel> {
+    pub async fn client(&self) -> FilterDbClient<tonic::transport::Channel> {
         for _ in 0..200 {
             if let Ok(c) = FilterDbClient::connect(self.url.clone()).await {
                 return c.max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
@@ -48,7 +53,7 @@ impl Proc {
         panic!("server binary did not come up at {}", self.url)
     }
 
-    fn kill9(mut self) {
+    pub fn kill9(mut self) {
         // SIGKILL: no shutdown hooks, no flush.
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -56,7 +61,7 @@ impl Proc {
 }
 
 /// A safetensors file of `layers` conv weights [256, 256, 3, 3] with deterministic values.
-fn big_safetensors(layers: usize, seed: u32) -> Vec<u8> {
+pub fn big_safetensors(layers: usize, seed: u32) -> Vec<u8> {
     let per = 256 * 256 * 9;
     let mut header = serde_json::Map::new();
     for l in 0..layers {

@@ -188,3 +188,56 @@ async fn http_catalog_downloads_checks_sha256_retries_then_quarantines() {
     let _ = server.shutdown.send(());
     server.task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_job_then_a_complete_run_with_no_duplicate_and_no_partial_model() {
+    use crate::crash::{Proc, big_safetensors};
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = tempfile::tempdir().unwrap();
+    let config = dir.path().join("filterdb.toml");
+    std::fs::write(
+        &config,
+        format!("[[source]]\nname = \"inbox\"\ninbox = \"{}\"\nevery = \"100ms\"\n", inbox.path().display()),
+    )
+    .unwrap();
+    std::fs::write(inbox.path().join("big.safetensors"), big_safetensors(30, 7)).unwrap();
+    let meta = serde_json::json!({"name": "big_job", "datasets": "imagenet", "task": "Classification", "architecture": "vgg"});
+    let data = dir.path().join("data");
+    // Kill the server while the scheduled job works on the file: once its staged copy appears.
+    let proc = Proc::start_with(&data, &["--config", config.to_str().unwrap()]);
+    let _ = proc.client().await;
+    std::fs::write(inbox.path().join("big.safetensors.json"), meta.to_string()).unwrap();
+    let staging = data.join("staging");
+    let mut seen = false;
+    for _ in 0..400 {
+        if std::fs::read_dir(&staging).map(|d| d.count() > 0).unwrap_or(false) {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen, "the job never started");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    proc.kill9();
+
+    // Restart: the schedule runs the job again; it completes, once.
+    let proc = Proc::start_with(&data, &["--config", config.to_str().unwrap()]);
+    let mut c = proc.client().await;
+    let mut j = jobs(&proc.url).await;
+    let mut state = None;
+    for _ in 0..300 {
+        if let Some(s) = job_map(&mut j).await.get("big.safetensors").filter(|s| s.outcome == "done") {
+            state = Some(s.clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let state = state.expect("the job did not complete after the restart");
+    let models = c.list_models(pb::ListModelsRequest::default()).await.unwrap().into_inner().models;
+    assert_eq!(models.len(), 1, "no duplicate");
+    assert_eq!((models[0].name.as_str(), models[0].n_layers, models[0].n_filters), ("big_job", 30, 30 * 65_536));
+    assert_eq!(state.model_id, models[0].model_id);
+    let (m, l, f) = totals(&mut c).await;
+    assert_eq!((m, l, f), (1, 30, 30 * 65_536), "no partial model");
+    proc.kill9();
+}
