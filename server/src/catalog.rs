@@ -157,15 +157,6 @@ impl Catalog {
 
     /// Visits every selected layer with its model, in layer-id order.
     pub fn for_each_selected(&self, pred: &Pred, mut f: impl FnMut(&ModelRecord, &CatalogLayer)) {
-        let mut current: Option<&Arc<ModelRecord>> = None;
-        for l in self.layers.values() {
-            if current.is_none_or(|m| m.model_id != l.record.model_id) {
-                current = self.models.get(&l.record.model_id);
-            }
-            let Some(m) = current else { continue };
-            if pred.matches(LayerView { model: m, layer: &l.record }) {
-                f(m, l);
-            }
-        }
+        self.for_each_selected_arc(pred, |m, l| f(m, l));
     }
 }

@@ -13,24 +13,40 @@ use crate::harness::*;
 
 fn server_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let bin = exe.parent().and_then(|d| d.parent()).expect("target dir").join("filterdb-server");
-    assert!(bin.exists(), "{} not built: run `cargo nextest run --workspace`", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("filterdb-server");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo nextest run --workspace`",
+        bin.display()
+    );
     bin
 }
 
 fn python() -> String {
     std::env::var("FILTERDB_PYTHON").unwrap_or_else(|_| {
         let venv = "/var/cache/filterdb/venv/bin/python";
-        if Path::new(venv).exists() { venv.to_string() } else { "python3".to_string() }
+        if Path::new(venv).exists() {
+            venv.to_string()
+        } else {
+            "python3".to_string()
+        }
     })
 }
 
 async fn snapshots(url: &str) -> SnapshotsClient<tonic::transport::Channel> {
-    SnapshotsClient::connect(url.to_string()).await.expect("connect snapshots")
+    SnapshotsClient::connect(url.to_string())
+        .await
+        .expect("connect snapshots")
 }
 
 /// Follows a Snapshot/Export stream; returns the phases seen and the result.
-async fn finish(mut s: tonic::Streaming<pb::SnapshotProgress>) -> Result<(Vec<String>, pb::SnapshotResult), tonic::Status> {
+async fn finish(
+    mut s: tonic::Streaming<pb::SnapshotProgress>,
+) -> Result<(Vec<String>, pb::SnapshotResult), tonic::Status> {
     let mut phases = Vec::new();
     let mut result = None;
     while let Some(p) = s.message().await? {
@@ -45,7 +61,13 @@ async fn finish(mut s: tonic::Streaming<pb::SnapshotProgress>) -> Result<(Vec<St
 }
 
 async fn take_snapshot(url: &str, out: &Path) -> pb::SnapshotResult {
-    let s = snapshots(url).await.snapshot(pb::SnapshotRequest { out_dir: out.display().to_string() }).await.expect("snapshot");
+    let s = snapshots(url)
+        .await
+        .snapshot(pb::SnapshotRequest {
+            out_dir: out.display().to_string(),
+        })
+        .await
+        .expect("snapshot");
     finish(s.into_inner()).await.expect("snapshot stream").1
 }
 
@@ -53,13 +75,33 @@ async fn take_snapshot(url: &str, out: &Path) -> pb::SnapshotResult {
 async fn setup(dir: &Path) -> TestServer {
     let server = TestServer::start(dir).await;
     let mut c = server.client().await;
-    ingest_fixture(&mut c, meta("ex_zip", "imagenet", "Classification", "resnet"), "tinynet_zip.pt").await.unwrap();
+    ingest_fixture(
+        &mut c,
+        meta("ex_zip", "imagenet", "Classification", "resnet"),
+        "tinynet_zip.pt",
+    )
+    .await
+    .unwrap();
     let mut m = meta("ex_onnx", "cifar10", "Segmentation", "unet");
     m.visual_category = "medical xray".into();
-    ingest_fixture(&mut c, m, "tinynet_initializers.onnx").await.unwrap();
-    ingest_fixture(&mut c, meta("ex_st", "places365", "Classification", "vgg"), "tinynet.safetensors").await.unwrap();
-    let mut a = pb::analytics_client::AnalyticsClient::connect(server.url.clone()).await.unwrap();
-    let mut s = a.pin_basis(pb::PinBasisRequest::default()).await.unwrap().into_inner();
+    ingest_fixture(&mut c, m, "tinynet_initializers.onnx")
+        .await
+        .unwrap();
+    ingest_fixture(
+        &mut c,
+        meta("ex_st", "places365", "Classification", "vgg"),
+        "tinynet.safetensors",
+    )
+    .await
+    .unwrap();
+    let mut a = pb::analytics_client::AnalyticsClient::connect(server.url.clone())
+        .await
+        .unwrap();
+    let mut s = a
+        .pin_basis(pb::PinBasisRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     while s.message().await.unwrap().is_some() {}
     server
 }
@@ -77,22 +119,51 @@ struct Answers {
 }
 
 async fn answers(url: &str) -> Answers {
-    let mut c = pb::filter_db_client::FilterDbClient::connect(url.to_string()).await.unwrap().max_decoding_message_size(64 << 20);
-    let mut a = pb::analytics_client::AnalyticsClient::connect(url.to_string()).await.unwrap().max_decoding_message_size(64 << 20);
-    let models = c.list_models(pb::ListModelsRequest { page_size: 1000, ..Default::default() }).await.unwrap().into_inner();
+    let mut c = pb::filter_db_client::FilterDbClient::connect(url.to_string())
+        .await
+        .unwrap()
+        .max_decoding_message_size(64 << 20);
+    let mut a = pb::analytics_client::AnalyticsClient::connect(url.to_string())
+        .await
+        .unwrap()
+        .max_decoding_message_size(64 << 20);
+    let models = c
+        .list_models(pb::ListModelsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let (mut layers, mut filters) = (Vec::new(), Vec::new());
     for m in &models.models {
-        let r = pb::ModelRef { r#ref: Some(pb::model_ref::Ref::Id(m.model_id)) };
-        layers.push(c.list_layers(pb::ListLayersRequest { model: Some(r.clone()), ..Default::default() }).await.unwrap().into_inner());
+        let r = pb::ModelRef {
+            r#ref: Some(pb::model_ref::Ref::Id(m.model_id)),
+        };
+        layers.push(
+            c.list_layers(pb::ListLayersRequest {
+                model: Some(r.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner(),
+        );
         let req = pb::GetFiltersRequest {
-            target: Some(pb::get_filters_request::Target::Model(pb::ModelFilters { model: Some(r), ..Default::default() })),
+            target: Some(pb::get_filters_request::Target::Model(pb::ModelFilters {
+                model: Some(r),
+                ..Default::default()
+            })),
             batch_size: 1000,
         };
         let (ids, vals) = get_filters(&mut c, req).await.unwrap();
         filters.push((ids, vals.iter().map(|v| v.to_bits()).collect()));
     }
     let census = c
-        .census(pb::CensusRequest { group_by: vec![pb::Field::Task as i32, pb::Field::VisualCategory as i32], ..Default::default() })
+        .census(pb::CensusRequest {
+            group_by: vec![pb::Field::Task as i32, pb::Field::VisualCategory as i32],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -101,9 +172,21 @@ async fn answers(url: &str) -> Answers {
         layers,
         filters,
         census,
-        pinned: a.get_pinned_basis(pb::GetPinnedBasisRequest {}).await.unwrap().into_inner(),
-        distributions: a.distributions(pb::DistributionsRequest::default()).await.unwrap().into_inner(),
-        basis: a.basis(pb::BasisRequest::default()).await.unwrap().into_inner(),
+        pinned: a
+            .get_pinned_basis(pb::GetPinnedBasisRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+        distributions: a
+            .distributions(pb::DistributionsRequest::default())
+            .await
+            .unwrap()
+            .into_inner(),
+        basis: a
+            .basis(pb::BasisRequest::default())
+            .await
+            .unwrap()
+            .into_inner(),
     }
 }
 
@@ -116,23 +199,46 @@ async fn snapshot_restore_round_trip_is_bit_identical() {
     let mut c = server.client().await;
     let (models, layers, filters) = totals(&mut c).await;
     let r = take_snapshot(&server.url, &snap).await;
-    assert_eq!((r.models, r.layers, r.filters), (models, layers, filters), "{r:?}");
+    assert_eq!(
+        (r.models, r.layers, r.filters),
+        (models, layers, filters),
+        "{r:?}"
+    );
     let manifest = filterdb::export::read_manifest(&snap).unwrap();
     assert_eq!(manifest.kind, "snapshot");
     assert_eq!(manifest.basis_version, Some(1));
-    assert!(manifest.files.iter().any(|f| f.path == "filters/task=Segmentation/visual_category=medical%20xray/part-00000.parquet"), "{:?}", manifest.files);
+    assert!(
+        manifest.files.iter().any(|f| f.path
+            == "filters/task=Segmentation/visual_category=medical%20xray/part-00000.parquet"),
+        "{:?}",
+        manifest.files
+    );
     // Only the finished folder is left (the partial one was renamed).
-    let names: Vec<String> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    let names: Vec<String> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
     assert_eq!(names, vec!["snap".to_string()]);
     // Never overwrites.
-    let e = snapshots(&server.url).await.snapshot(pb::SnapshotRequest { out_dir: snap.display().to_string() }).await;
+    let e = snapshots(&server.url)
+        .await
+        .snapshot(pb::SnapshotRequest {
+            out_dir: snap.display().to_string(),
+        })
+        .await;
     let e = match e {
         Ok(s) => finish(s.into_inner()).await.unwrap_err(),
         Err(e) => e,
     };
     assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
     // Relative paths are refused (the folder is on the server's host).
-    let e = snapshots(&server.url).await.snapshot(pb::SnapshotRequest { out_dir: "rel/dir".into() }).await.unwrap_err();
+    let e = snapshots(&server.url)
+        .await
+        .snapshot(pb::SnapshotRequest {
+            out_dir: "rel/dir".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
 
     let want = answers(&server.url).await;
@@ -141,16 +247,31 @@ async fn snapshot_restore_round_trip_is_bit_identical() {
     // `filterdb-server restore SNAPSHOT --data-dir NEW`, the real binary.
     let restored = tempfile::tempdir().unwrap();
     let o = Command::new(server_binary())
-        .args(["restore", snap.to_str().unwrap(), "--data-dir", restored.path().to_str().unwrap()])
+        .args([
+            "restore",
+            snap.to_str().unwrap(),
+            "--data-dir",
+            restored.path().to_str().unwrap(),
+        ])
         .output()
         .expect("run restore");
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "restore failed: {stdout}\n{}", String::from_utf8_lossy(&o.stderr));
-    let line = format!("restored {models} models, {layers} layers, {filters} filters and basis version 1");
+    assert!(
+        o.status.success(),
+        "restore failed: {stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let line =
+        format!("restored {models} models, {layers} layers, {filters} filters and basis version 1");
     assert!(stdout.contains(&line), "{stdout}");
     // Restoring over a database is refused.
     let o = Command::new(server_binary())
-        .args(["restore", snap.to_str().unwrap(), "--data-dir", restored.path().to_str().unwrap()])
+        .args([
+            "restore",
+            snap.to_str().unwrap(),
+            "--data-dir",
+            restored.path().to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(!o.status.success());
@@ -167,7 +288,13 @@ async fn snapshot_restore_round_trip_is_bit_identical() {
     assert_eq!(got.basis, want.basis);
     // The restored database continues the id sequence.
     let mut c = server2.client().await;
-    let r = ingest_fixture(&mut c, meta("after", "imagenet", "Classification", "resnet"), "tinynet_f16.safetensors").await.unwrap();
+    let r = ingest_fixture(
+        &mut c,
+        meta("after", "imagenet", "Classification", "resnet"),
+        "tinynet_f16.safetensors",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.model.unwrap().model_id, 3);
     server2.stop().await;
 
@@ -178,7 +305,9 @@ async fn snapshot_restore_round_trip_is_bit_identical() {
     bytes[mid] ^= 0xff;
     std::fs::write(&part, bytes).unwrap();
     let fresh = tempfile::tempdir().unwrap();
-    let e = filterdb::export::restore(&snap, fresh.path(), &|_| {}).unwrap_err().to_string();
+    let e = filterdb::export::restore(&snap, fresh.path(), &|_| {})
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("damaged"), "{e}");
 }
 
@@ -193,7 +322,10 @@ async fn python_duckdb_pyarrow_and_flight_read_snapshot_and_export() {
     let s = snapshots(&server.url)
         .await
         .export(pb::ExportRequest {
-            selection: Some(pb::Selection { expr: "task = Classification and layer_index <= 2".into(), ..Default::default() }),
+            selection: Some(pb::Selection {
+                expr: "task = Classification and layer_index <= 2".into(),
+                ..Default::default()
+            }),
             out_dir: export.display().to_string(),
         })
         .await
@@ -202,7 +334,10 @@ async fn python_duckdb_pyarrow_and_flight_read_snapshot_and_export() {
     assert_eq!(phases, ["models", "layers", "filters", "manifest", "done"]);
     assert_eq!(r.models, 2);
     let m = filterdb::export::read_manifest(&export).unwrap();
-    assert_eq!((m.kind.as_str(), m.selection.as_str()), ("export", "task = Classification and layer_index <= 2"));
+    assert_eq!(
+        (m.kind.as_str(), m.selection.as_str()),
+        ("export", "task = Classification and layer_index <= 2")
+    );
     let url = server.url.trim_start_matches("http://").to_string();
     let o = tokio::process::Command::new(python())
         .arg(repo().join("tests/python/interop_test.py"))
@@ -218,8 +353,17 @@ async fn python_duckdb_pyarrow_and_flight_read_snapshot_and_export() {
         .expect("run python (set FILTERDB_PYTHON or run .ci/run, which creates the venv)");
     let stdout = String::from_utf8_lossy(&o.stdout);
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "interop test failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    for line in ["OK duckdb counts", "OK duckdb moments", "OK duckdb pruning", "OK pyarrow", "OK flight"] {
+    assert!(
+        o.status.success(),
+        "interop test failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for line in [
+        "OK duckdb counts",
+        "OK duckdb moments",
+        "OK duckdb pruning",
+        "OK pyarrow",
+        "OK flight",
+    ] {
         assert!(stdout.contains(line), "missing `{line}`:\n{stdout}");
     }
     server.stop().await;
@@ -261,9 +405,15 @@ async fn snapshot_during_concurrent_ingest_holds_no_half_model() {
     let ingest = tokio::spawn(async move {
         for i in 0..6u32 {
             let bytes = big_safetensors(2, i + 1);
-            ingest_bytes(&mut c, meta(&format!("conc{i}"), "imagenet", "Classification", "vgg"), "b.safetensors", bytes, pb::NameConflict::Error)
-                .await
-                .expect("ingest");
+            ingest_bytes(
+                &mut c,
+                meta(&format!("conc{i}"), "imagenet", "Classification", "vgg"),
+                "b.safetensors",
+                bytes,
+                pb::NameConflict::Error,
+            )
+            .await
+            .expect("ingest");
         }
     });
     let mut snaps = Vec::new();
@@ -277,7 +427,12 @@ async fn snapshot_during_concurrent_ingest_holds_no_half_model() {
     for s in &snaps {
         let m = filterdb::export::read_manifest(s).unwrap();
         // Every model is whole: 2 layers of 65,536 filters each.
-        assert_eq!((m.rows.layers, m.rows.filters), (2 * m.rows.models, 2 * 65_536 * m.rows.models), "{}", s.display());
+        assert_eq!(
+            (m.rows.layers, m.rows.filters),
+            (2 * m.rows.models, 2 * 65_536 * m.rows.models),
+            "{}",
+            s.display()
+        );
         // And restore (which checks every model's layers and filters against its record) accepts it.
         let fresh = tempfile::tempdir().unwrap();
         let r = filterdb::export::restore(s, fresh.path(), &|_| {}).unwrap();
@@ -295,21 +450,35 @@ struct Proc {
 
 impl Proc {
     fn start(dir: &Path) -> Proc {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new(server_binary())
-            .args(["--data-dir", dir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn server");
-        Proc { child, url: format!("http://127.0.0.1:{port}") }
+        Proc {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
     }
 
     async fn client(&self) -> pb::filter_db_client::FilterDbClient<tonic::transport::Channel> {
         for _ in 0..200 {
             if let Ok(c) = pb::filter_db_client::FilterDbClient::connect(self.url.clone()).await {
-                return c.max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+                return c
+                    .max_decoding_message_size(64 << 20)
+                    .max_encoding_message_size(64 << 20);
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
@@ -328,30 +497,47 @@ async fn kill_9_during_snapshot_leaves_nothing_that_looks_complete() {
     let out = tempfile::tempdir().unwrap();
     let proc = Proc::start(dir.path());
     let mut c = proc.client().await;
-    ingest_bytes(&mut c, meta("big", "imagenet", "Classification", "vgg"), "big.safetensors", big_safetensors(24, 7), pb::NameConflict::Error)
-        .await
-        .expect("ingest");
+    ingest_bytes(
+        &mut c,
+        meta("big", "imagenet", "Classification", "vgg"),
+        "big.safetensors",
+        big_safetensors(24, 7),
+        pb::NameConflict::Error,
+    )
+    .await
+    .expect("ingest");
     let snap = out.path().join("snap");
     let mut s = snapshots(&proc.url)
         .await
-        .snapshot(pb::SnapshotRequest { out_dir: snap.display().to_string() })
+        .snapshot(pb::SnapshotRequest {
+            out_dir: snap.display().to_string(),
+        })
         .await
         .unwrap()
         .into_inner();
     loop {
         match s.message().await {
             Ok(Some(p)) if p.phase == "filters" && p.filters_done > 0 => break,
-            Ok(Some(p)) => assert!(p.result.is_none(), "snapshot finished before the kill; make the model bigger"),
+            Ok(Some(p)) => assert!(
+                p.result.is_none(),
+                "snapshot finished before the kill; make the model bigger"
+            ),
             other => panic!("stream ended early: {other:?}"),
         }
     }
     proc.kill9();
-    assert!(!snap.exists(), "a killed snapshot must not appear under its name");
+    assert!(
+        !snap.exists(),
+        "a killed snapshot must not appear under its name"
+    );
     for e in std::fs::read_dir(out.path()).unwrap() {
         let e = e.unwrap();
         let name = e.file_name().to_string_lossy().to_string();
         assert!(name.starts_with(".snap.partial-"), "unexpected {name}");
-        assert!(!e.path().join("manifest.json").exists(), "debris must not look complete");
+        assert!(
+            !e.path().join("manifest.json").exists(),
+            "debris must not look complete"
+        );
         assert!(filterdb::export::read_manifest(&e.path()).is_err());
     }
     // After a restart the same target works.

@@ -935,7 +935,7 @@ pub async fn drift(ctx: &Ctx, a: DriftArgs) -> anyhow::Result<()> {
                 title,
                 keys: r.keys.clone(),
                 values: r.d.clone(),
-                value_label: "D = Σ wᵢ (KL(p‖q) + KL(q‖p))".into(),
+                value_label: "drift D (weighted symmetric KL)".into(),
                 axis_label: field.to_string(),
             },
             path,

@@ -83,6 +83,36 @@ fn nan(x: Option<f64>) -> f64 {
     x.unwrap_or(f64::NAN)
 }
 
+/// A quality row without owner ids (callers fill them when the layer is stored).
+fn quality_row(
+    q: &crate::quality::LayerQuality,
+    layer_index: u32,
+    tensor_name: &str,
+    conv_depth: u32,
+    conv_depth_norm: f64,
+) -> pb::LayerQualityRow {
+    pb::LayerQualityRow {
+        layer_id: 0,
+        model_id: 0,
+        model: String::new(),
+        layer_index,
+        tensor_name: tensor_name.to_string(),
+        conv_depth,
+        conv_depth_norm,
+        n: q.n,
+        sparsity: q.sparsity,
+        entropy: nan(q.entropy),
+        entropy_norm: nan(q.entropy_norm),
+        entropy_clean: nan(q.entropy_clean),
+        entropy_clean_norm: nan(q.entropy_clean_norm),
+        orthogonality: nan(q.orthogonality),
+        random_like: q.flags.random_like,
+        low_diversity: q.flags.low_diversity,
+        sparse_heavy: q.flags.sparse_heavy,
+        degenerate: q.flags.combined,
+    }
+}
+
 impl AnalyticsService {
     fn pred(&self, s: Option<&pb::Selection>) -> Result<Pred, Status> {
         selection(self.engine.vocabularies(), s)
@@ -245,28 +275,10 @@ impl pb::analytics_server::Analytics for AnalyticsService {
             layers: rows
                 .iter()
                 .map(|row| {
-                    let q = &row.quality;
                     let l = &row.layer.record;
-                    pb::LayerQualityRow {
-                        layer_id: l.layer_id,
-                        model_id: l.model_id,
-                        model: row.model.name.clone(),
-                        layer_index: l.layer_index,
-                        tensor_name: l.tensor_name.clone(),
-                        conv_depth: l.conv_depth,
-                        conv_depth_norm: l.conv_depth_norm,
-                        n: q.n,
-                        sparsity: q.sparsity,
-                        entropy: nan(q.entropy),
-                        entropy_norm: nan(q.entropy_norm),
-                        entropy_clean: nan(q.entropy_clean),
-                        entropy_clean_norm: nan(q.entropy_clean_norm),
-                        orthogonality: nan(q.orthogonality),
-                        random_like: q.flags.random_like,
-                        low_diversity: q.flags.low_diversity,
-                        sparse_heavy: q.flags.sparse_heavy,
-                        degenerate: q.flags.combined,
-                    }
+                    let mut out = quality_row(&row.quality, l.layer_index, &l.tensor_name, l.conv_depth, l.conv_depth_norm);
+                    (out.layer_id, out.model_id, out.model) = (l.layer_id, l.model_id, row.model.name.clone());
+                    out
                 })
                 .collect(),
         }))
@@ -426,26 +438,7 @@ impl AnalyticsService {
             layers: profile
                 .layers
                 .iter()
-                .map(|(l, q)| pb::LayerQualityRow {
-                    layer_id: 0,
-                    model_id: 0,
-                    model: String::new(),
-                    layer_index: l.layer_index,
-                    tensor_name: l.tensor_name.clone(),
-                    conv_depth: l.conv_depth,
-                    conv_depth_norm: l.conv_depth_norm,
-                    n: q.n,
-                    sparsity: q.sparsity,
-                    entropy: nan(q.entropy),
-                    entropy_norm: nan(q.entropy_norm),
-                    entropy_clean: nan(q.entropy_clean),
-                    entropy_clean_norm: nan(q.entropy_clean_norm),
-                    orthogonality: nan(q.orthogonality),
-                    random_like: q.flags.random_like,
-                    low_diversity: q.flags.low_diversity,
-                    sparse_heavy: q.flags.sparse_heavy,
-                    degenerate: q.flags.combined,
-                })
+                .map(|(l, q)| quality_row(q, l.layer_index, &l.tensor_name, l.conv_depth, l.conv_depth_norm))
                 .collect(),
             distribution: Some(pb::GroupDistribution {
                 key: profile.histogram.key.clone(),
