@@ -798,7 +798,7 @@ impl Ridges {
     }
 
     fn panel_height(&self) -> i32 {
-        (110 + 26 * self.groups.len() as i32).max(230)
+        (110 + 34 * self.groups.len() as i32).max(230)
     }
 
     /// density[g][k][b] = counts / (n · bin width).

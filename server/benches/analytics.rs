@@ -872,78 +872,39 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, work: &Path, t_al
         [drift, basis, quality, census]
     };
 
-    // 4b. Through gRPC.
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let (grpc_ms, answers, sizes_bytes) = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(engine.clone(), listener, ServerConfig::default(), async move {
-            let _ = rx.await;
-        }));
-        let channel = {
-            let mut last = None;
-            for _ in 0..100 {
-                match tonic::transport::Endpoint::from_shared(url.clone())?.connect().await {
-                    Ok(c) => {
-                        last = Some(c);
-                        break;
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-                }
+    // Optional: loop one engine call so `perf record -p PID` can attach (profiling aid).
+    if let Ok(spec) = std::env::var("FILTERDB_BENCH_PROFILE") {
+        let (what, secs) = spec.split_once(':').unwrap_or((spec.as_str(), "20"));
+        let secs: f64 = secs.parse().unwrap_or(20.0);
+        eprintln!("profiling {what} for {secs} s in pid {}", std::process::id());
+        let t = Instant::now();
+        let mut n = 0u64;
+        while t.elapsed().as_secs_f64() < secs {
+            match what {
+                "drift" => drop(engine.drift_matrix(&Pred::True, &Grouping::Field(Field::Task), &Weights::Evr, false, (0, None, None))),
+                "basis" => drop(engine.basis(&Pred::True, &Grouping::Field(Field::VisualCategory), false)),
+                "quality" => drop(engine.layer_quality(&Pred::True, &QualityOptions::default(), 0)),
+                _ => drop(engine.census(&Pred::True, &[Field::Task])),
             }
-            last.ok_or_else(|| anyhow::anyhow!("server at {url} did not come up"))?
-        };
-        let analytics = pb::analytics_client::AnalyticsClient::new(channel.clone())
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
-        let fdb = pb::filter_db_client::FilterDbClient::new(channel)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
-        let group = |field: pb::Field| Some(pb::GroupSpec { field: field as i32, selections: Vec::new() });
-        let drift_req = pb::DriftMatrixRequest { group: group(pb::Field::Task), ..Default::default() };
-        let basis_req = pb::BasisRequest { group: group(pb::Field::VisualCategory), ..Default::default() };
-        let quality_req = pb::LayerQualityRequest::default();
-        let census_req = pb::CensusRequest { group_by: vec![pb::Field::Task as i32], ..Default::default() };
-
-        macro_rules! measure {
-            ($client:expr, $method:ident, $req:expr) => {{
-                let mut ds = Vec::with_capacity(runs);
-                let mut last = None;
-                for i in 0..WARMUP + runs {
-                    let mut c = $client.clone();
-                    let t = Instant::now();
-                    let r = c.$method($req.clone()).await?.into_inner();
-                    let d = t.elapsed();
-                    if i >= WARMUP {
-                        ds.push(d);
-                    }
-                    last = Some(r);
-                }
-                (timing(ds), last.expect("at least one run"))
-            }};
+            n += 1;
         }
-        let (t_drift, drift) = measure!(analytics, drift_matrix, drift_req);
-        let (t_basis, basis) = measure!(analytics, basis, basis_req);
-        let (t_quality, quality) = measure!(analytics, layer_quality, quality_req);
-        let (t_census, census) = measure!(fdb, census, census_req);
-        let distributions = analytics
-            .clone()
-            .distributions(pb::DistributionsRequest { group: group(pb::Field::Task), ..Default::default() })
-            .await?
-            .into_inner();
-        let pinned = analytics.clone().get_pinned_basis(pb::GetPinnedBasisRequest {}).await?.into_inner();
-        let sizes_bytes = [drift.encoded_len(), basis.encoded_len(), quality.encoded_len(), census.encoded_len()];
-        let _ = tx.send(());
-        server.await??;
-        anyhow::Ok((
-            [t_drift, t_basis, t_quality, t_census],
-            Answers { drift, basis, quality, census, distributions, pinned },
-            sizes_bytes,
-        ))
-    })?;
-    for ((name, g), e) in ["DriftMatrix", "Basis", "LayerQuality", "Census"].iter().zip(&grpc_ms).zip(&engine_ms) {
-        eprintln!("server {name:<13} p50 {:>9.3} ms  p95 {:>9.3} ms  (engine only p50 {:>9.3} ms)", g.p50, g.p95, e.p50);
+        eprintln!("profiling done: {n} calls, {:.3} ms each", t.elapsed().as_secs_f64() * 1e3 / n as f64);
+    }
+
+    // 4b. Through gRPC: the server as shipped (its listener as `main` binds it), then with
+    // TCP_NODELAY set on the listening socket (Linux passes it on to accepted sockets), which
+    // isolates Nagle/delayed-ACK stalls: tonic ignores its own `tcp_nodelay` setting when it is
+    // given an incoming stream, as `serve` does.
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let loadavg: String = loadavg.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let (grpc_ms, answers, sizes_bytes) = rt.block_on(grpc_round(&engine, false, runs))?;
+    let (nodelay_ms, _, _) = rt.block_on(grpc_round(&engine, true, runs))?;
+    for (i, name) in ["DriftMatrix", "Basis", "LayerQuality", "Census"].iter().enumerate() {
+        eprintln!(
+            "server {name:<13} p50 {:>9.3} ms  p95 {:>9.3} ms  (TCP_NODELAY p50 {:>9.3} ms, engine only p50 {:>9.3} ms)",
+            grpc_ms[i].p50, grpc_ms[i].p95, nodelay_ms[i].p50, engine_ms[i].p50
+        );
     }
     drop(engine);
 
@@ -957,7 +918,7 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, work: &Path, t_al
     writeln!(md, "## FilterDB analytics benchmark (issue 3)\n")?;
     writeln!(
         md,
-        "Synthetic DB (seed {seed:#x}): {} models, {} layers, {} filters; layer sizes {}..{} filters; max conv_depth {max_depth}; 11 tasks, 16 visual categories. Host: {} CPUs. Server: in-process tonic on 127.0.0.1, {runs} timed runs after {WARMUP} warm-ups. DuckDB {}: `SET threads=2`, Parquet in page cache, best of 3, query + numpy post-processing.\n",
+        "Synthetic DB (seed {seed:#x}): {} models, {} layers, {} filters; layer sizes {}..{} filters; max conv_depth {max_depth}; 11 tasks, 16 visual categories. Host: {} CPUs, load average {loadavg} when the queries were timed. Server: in-process tonic on 127.0.0.1, {runs} timed runs after {WARMUP} warm-ups. DuckDB {}: `SET threads=2`, Parquet in page cache, best of 3, query + numpy post-processing.\n",
         thousands(n_models as u64),
         thousands(n_layers as u64),
         thousands(n_filters),
@@ -991,15 +952,18 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, work: &Path, t_al
         goals.push((name, g.p50 <= GOAL_MS, ratio.map(|r| r >= GOAL_RATIO)));
     }
     writeln!(md)?;
-    writeln!(md, "| query | engine-only p50 ms (no gRPC) | engine-only p95 ms | response bytes | p50 goal ≤ {GOAL_MS} ms | ratio goal ≥ {GOAL_RATIO}x |")?;
-    writeln!(md, "|---|---|---|---|---|---|")?;
+    writeln!(md, "Attribution: the same call on the `Engine` without gRPC, and through gRPC with TCP_NODELAY on the server's listening socket.\n")?;
+    writeln!(md, "| query | engine-only p50 ms | engine-only p95 ms | gRPC + TCP_NODELAY p50 ms | p95 ms | response bytes | p50 goal ≤ {GOAL_MS} ms | ratio goal ≥ {GOAL_RATIO}x |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
     for (i, name) in names.iter().enumerate() {
         let (_, p50_ok, ratio_ok) = goals[i];
         writeln!(
             md,
-            "| {name} | {:.2} | {:.2} | {} | {} | {} |",
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
             engine_ms[i].p50,
             engine_ms[i].p95,
+            nodelay_ms[i].p50,
+            nodelay_ms[i].p95,
             thousands(sizes_bytes[i] as u64),
             if p50_ok { "met" } else { "**missed**" },
             match ratio_ok {
@@ -1053,6 +1017,78 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, work: &Path, t_al
         }
     }
     Ok(())
+}
+
+async fn grpc_round(engine: &Arc<Engine>, nodelay: bool, runs: usize) -> anyhow::Result<([Timing; 4], Answers, [usize; 4])> {
+    let listener = if nodelay {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_nodelay(true)?;
+        socket.bind("127.0.0.1:0".parse()?)?;
+        socket.listen(1024)?
+    } else {
+        tokio::net::TcpListener::bind("127.0.0.1:0").await?
+    };
+    let url = format!("http://{}", listener.local_addr()?);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(engine.clone(), listener, ServerConfig::default(), async move {
+        let _ = rx.await;
+    }));
+    let channel = {
+        let mut last = None;
+        for _ in 0..100 {
+            match tonic::transport::Endpoint::from_shared(url.clone())?.connect().await {
+                Ok(c) => {
+                    last = Some(c);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        last.ok_or_else(|| anyhow::anyhow!("server at {url} did not come up"))?
+    };
+    let analytics = pb::analytics_client::AnalyticsClient::new(channel.clone())
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let fdb = pb::filter_db_client::FilterDbClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let group = |field: pb::Field| Some(pb::GroupSpec { field: field as i32, selections: Vec::new() });
+    let drift_req = pb::DriftMatrixRequest { group: group(pb::Field::Task), ..Default::default() };
+    let basis_req = pb::BasisRequest { group: group(pb::Field::VisualCategory), ..Default::default() };
+    let quality_req = pb::LayerQualityRequest::default();
+    let census_req = pb::CensusRequest { group_by: vec![pb::Field::Task as i32], ..Default::default() };
+
+    macro_rules! measure {
+        ($client:expr, $method:ident, $req:expr) => {{
+            let mut ds = Vec::with_capacity(runs);
+            let mut last = None;
+            for i in 0..WARMUP + runs {
+                let mut c = $client.clone();
+                let t = Instant::now();
+                let r = c.$method($req.clone()).await?.into_inner();
+                let d = t.elapsed();
+                if i >= WARMUP {
+                    ds.push(d);
+                }
+                last = Some(r);
+            }
+            (timing(ds), last.expect("at least one run"))
+        }};
+    }
+    let (t_drift, drift) = measure!(analytics, drift_matrix, drift_req);
+    let (t_basis, basis) = measure!(analytics, basis, basis_req);
+    let (t_quality, quality) = measure!(analytics, layer_quality, quality_req);
+    let (t_census, census) = measure!(fdb, census, census_req);
+    let distributions = analytics
+        .clone()
+        .distributions(pb::DistributionsRequest { group: group(pb::Field::Task), ..Default::default() })
+        .await?
+        .into_inner();
+    let pinned = analytics.clone().get_pinned_basis(pb::GetPinnedBasisRequest {}).await?.into_inner();
+    let sizes_bytes = [drift.encoded_len(), basis.encoded_len(), quality.encoded_len(), census.encoded_len()];
+    let _ = tx.send(());
+    server.await??;
+    Ok(([t_drift, t_basis, t_quality, t_census], Answers { drift, basis, quality, census, distributions, pinned }, sizes_bytes))
 }
 
 fn run_duckdb(work: &Path, parquet: &Path, a: &Answers, n_filters: u64) -> anyhow::Result<Value> {

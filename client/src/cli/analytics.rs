@@ -484,6 +484,11 @@ pub async fn basis(ctx: &Ctx, a: BasisArgs) -> anyhow::Result<()> {
             })
             .await,
     )?;
+    let mut r = r;
+    let keys: Vec<&str> = r.groups.iter().map(|g| g.key.as_str()).collect();
+    if let Some(order) = group_order(a.group_by, &keys) {
+        r.groups = order.iter().map(|&i| r.groups[i].clone()).collect();
+    }
     let Some(overall) = r.basis.as_ref() else {
         bail!(
             "the selection ({}) holds fewer than 2 filters: no basis",
@@ -497,7 +502,7 @@ pub async fn basis(ctx: &Ctx, a: BasisArgs) -> anyhow::Result<()> {
             r.groups
                 .iter()
                 .filter_map(|g| g.basis.as_ref().map(|b| (g.key.clone(), b)))
-                .map(|(key, b)| eigen_row(key, b))
+                .map(|(key, b)| eigen_row(group_label(a.group_by, key), b))
                 .collect()
         } else {
             vec![eigen_row(what(a.where_.as_deref()), overall)]
@@ -556,6 +561,18 @@ pub async fn basis(ctx: &Ctx, a: BasisArgs) -> anyhow::Result<()> {
     }
     out.push_str(&plot_line);
     Ok(emit(&out)?)
+}
+
+/// A group key as a row label: numbers and intervals get the field name in front ("layer_index
+/// = 3", "depth_decile (0.1, 0.2]"); words ("Classification") speak for themselves.
+fn group_label(field: Option<Field>, key: String) -> String {
+    match (field, key.chars().next()) {
+        (Some(f), Some(c)) if c.is_ascii_digit() || c == '-' => {
+            format!("{} = {key}", field_name(f))
+        }
+        (Some(f), Some('(' | '[')) => format!("{} {key}", field_name(f)),
+        _ => key,
+    }
 }
 
 fn eigen_row(label: String, b: &FilterBasis) -> plot::EigenfilterRow {
@@ -778,6 +795,11 @@ pub async fn distributions(ctx: &Ctx, a: DistributionsArgs) -> anyhow::Result<()
             })
             .await,
     )?;
+    let mut r = r;
+    let keys: Vec<&str> = r.groups.iter().map(|g| g.key.as_str()).collect();
+    if let Some(order) = group_order(a.group_by, &keys) {
+        r.groups = order.iter().map(|&i| r.groups[i].clone()).collect();
+    }
     let mut plot_line = String::new();
     if let Some(path) = &a.plot {
         if r.groups.is_empty() {
@@ -805,7 +827,7 @@ pub async fn distributions(ctx: &Ctx, a: DistributionsArgs) -> anyhow::Result<()
             .groups
             .iter()
             .map(|g| plot::RidgeGroup {
-                key: g.key.clone(),
+                key: group_label(a.group_by, g.key.clone()),
                 n_filters: g.n_filters,
                 counts: g.components.iter().map(|h| h.counts.clone()).collect(),
             })
@@ -904,6 +926,7 @@ pub async fn drift(ctx: &Ctx, a: DriftArgs) -> anyhow::Result<()> {
             })
             .await,
     )?;
+    let mut r = r;
     let g = r.keys.len();
     if r.d.len() != g * g {
         return Err(ClientError::Protocol(format!(
@@ -911,6 +934,12 @@ pub async fn drift(ctx: &Ctx, a: DriftArgs) -> anyhow::Result<()> {
             r.d.len()
         ))
         .into());
+    }
+    if !a.sort {
+        let keys: Vec<&str> = r.keys.iter().map(String::as_str).collect();
+        if let Some(order) = group_order(Some(a.group_by), &keys) {
+            permute_drift(&mut r, &order);
+        }
     }
     let field = field_name(a.group_by);
     let weights_name = match a.weights {
@@ -1204,29 +1233,76 @@ fn profile_table(cells: &[filterdb_client::proto::DepthProfileCell]) -> ProfileT
     (models, map)
 }
 
-/// Depth bins in depth order: `first`, then by the lower bound of the interval (the server
-/// may list `[0.0, 0.1]` after the `(…]` bins, as strings sort).
-fn depth_order(bins: &[String]) -> Vec<String> {
-    let key = |b: &String| -> (u8, f64) {
-        if b.trim().eq_ignore_ascii_case("first") {
-            return (0, 0.0);
-        }
-        let num: String = b
-            .trim_start_matches(['[', '(', ' '])
-            .chars()
-            .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'))
-            .collect();
-        match num.parse::<f64>() {
-            Ok(v) => (1, v),
-            Err(_) => (2, 0.0),
-        }
-    };
-    let mut out = bins.to_vec();
-    out.sort_by(|a, b| {
-        let (ka, kb) = (key(a), key(b));
+/// Sort key of a numeric or interval group key: `first` (the robustness paper's conv_depth 0
+/// bin), then by the number the key starts with ("3", "(0.1, 0.2]"), then anything else.
+fn numeric_key(k: &str) -> (u8, f64) {
+    if k.trim().eq_ignore_ascii_case("first") {
+        return (0, 0.0);
+    }
+    let num: String = k
+        .trim_start_matches(['[', '(', ' '])
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'))
+        .collect();
+    match num.parse::<f64>() {
+        Ok(v) => (1, v),
+        Err(_) => (2, 0.0),
+    }
+}
+
+/// The order of `keys` by [`numeric_key`] (stable for ties).
+fn numeric_order(keys: &[&str]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..keys.len()).collect();
+    idx.sort_by(|&a, &b| {
+        let (ka, kb) = (numeric_key(keys[a]), numeric_key(keys[b]));
         ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1))
     });
-    out
+    idx
+}
+
+/// Group keys of numeric fields and depth bins come from the server in string order ("10"
+/// before "2", "[0.0, 0.1]" after "(0.9, 1.0]"); this is the order to show them in instead, or
+/// `None` when the field's keys are words.
+fn group_order(field: Option<Field>, keys: &[&str]) -> Option<Vec<usize>> {
+    let f = field?;
+    let numeric = filterdb_client::proto::expr::is_numeric(f)
+        || matches!(f, Field::DepthDecile | Field::DepthDecileFirst);
+    numeric.then(|| numeric_order(keys))
+}
+
+/// Depth bins in depth order (see [`group_order`]).
+fn depth_order(bins: &[String]) -> Vec<String> {
+    let keys: Vec<&str> = bins.iter().map(String::as_str).collect();
+    numeric_order(&keys)
+        .into_iter()
+        .map(|i| bins[i].clone())
+        .collect()
+}
+
+/// Reorders a drift matrix's groups (keys, counts, D and the per-component values).
+fn permute_drift(r: &mut filterdb_client::proto::DriftMatrixResponse, order: &[usize]) {
+    let g = r.keys.len();
+    if order.len() != g || r.d.len() != g * g {
+        return;
+    }
+    let per = r.per_component.len() == g * g * 9;
+    r.keys = order.iter().map(|&i| r.keys[i].clone()).collect();
+    if r.n_filters.len() == g {
+        r.n_filters = order.iter().map(|&i| r.n_filters[i]).collect();
+    }
+    let (mut d, mut pc) = (Vec::with_capacity(g * g), Vec::new());
+    for &i in order {
+        for &j in order {
+            d.push(r.d[i * g + j]);
+            if per {
+                pc.extend_from_slice(&r.per_component[(i * g + j) * 9..(i * g + j) * 9 + 9]);
+            }
+        }
+    }
+    r.d = d;
+    if per {
+        r.per_component = pc;
+    }
 }
 
 /// `filterdb depth-profile`.
@@ -1291,6 +1367,7 @@ pub async fn depth_profile(ctx: &Ctx, a: DepthProfileArgs) -> anyhow::Result<()>
     }
     if ctx.json {
         let mut v = depth_profile_to_json(&r);
+        v["bins"] = json!(bins);
         v["metric"] = json!(
             a.metric
                 .to_possible_value()
@@ -1451,6 +1528,18 @@ mod tests {
     }
 
     #[test]
+    fn group_labels() {
+        let l = |f: Option<Field>, k: &str| group_label(f, k.to_string());
+        assert_eq!(l(Some(Field::LayerIndex), "3"), "layer_index = 3");
+        assert_eq!(
+            l(Some(Field::DepthDecile), "(0.1, 0.2]"),
+            "depth_decile (0.1, 0.2]"
+        );
+        assert_eq!(l(Some(Field::Task), "Classification"), "Classification");
+        assert_eq!(l(None, "7"), "7");
+    }
+
+    #[test]
     fn ranges() {
         assert_eq!(parse_range("-3.3,3.3"), Ok((-3.3, 3.3)));
         assert_eq!(parse_range(" -1 : 2 "), Ok((-1.0, 2.0)));
@@ -1491,6 +1580,31 @@ mod tests {
             depth_order(&bins),
             vec!["first", "[0.0, 0.1]", "(0.1, 0.2]", "(0.9, 1.0]", "other"]
         );
+    }
+
+    #[test]
+    fn numeric_groups_sort_by_value() {
+        assert_eq!(
+            group_order(Some(Field::ConvDepth), &["0", "10", "2"]),
+            Some(vec![0, 2, 1])
+        );
+        assert_eq!(group_order(Some(Field::Task), &["b", "a"]), None);
+        assert_eq!(group_order(None, &["2", "1"]), None);
+        let mut r = filterdb_client::proto::DriftMatrixResponse {
+            keys: vec!["(0.1, 0.2]".into(), "[0.0, 0.1]".into()],
+            n_filters: vec![5, 7],
+            d: vec![0.0, 1.0, 2.0, 3.0],
+            per_component: (0..36).map(f64::from).collect(),
+            ..Default::default()
+        };
+        let keys: Vec<&str> = r.keys.iter().map(String::as_str).collect();
+        let order = group_order(Some(Field::DepthDecile), &keys).unwrap();
+        permute_drift(&mut r, &order);
+        assert_eq!(r.keys, vec!["[0.0, 0.1]", "(0.1, 0.2]"]);
+        assert_eq!(r.n_filters, vec![7, 5]);
+        assert_eq!(r.d, vec![3.0, 2.0, 1.0, 0.0]);
+        assert_eq!(r.per_component[0], 27.0);
+        assert_eq!(r.per_component[9], 18.0);
     }
 
     #[test]
