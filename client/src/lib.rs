@@ -2,6 +2,9 @@
 //!
 //! [`Client`] wraps the generated gRPC stub with the conveniences every caller needs: chunked
 //! checkpoint uploads with progress, paging, filter-batch collection and kernel decoding.
+//! [`Client::analytics`] is the `Analytics` service's stub on the same connection (with
+//! [`Client::pin_basis`] following its progress stream), and [`plot`] draws analytics results
+//! into PNG or SVG files.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), filterdb_client::ClientError> {
@@ -37,7 +40,42 @@ use filterdb_proto::{
 use futures::Stream;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+/// Adds `authorization: Bearer <token>` to every call when a token is set.
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl BearerToken {
+    /// A token interceptor; `None` or an empty token sends no header.
+    pub fn new(token: Option<&str>) -> Result<BearerToken, ClientError> {
+        match token.map(str::trim).filter(|t| !t.is_empty()) {
+            None => Ok(BearerToken(None)),
+            Some(t) => format!("Bearer {t}")
+                .parse()
+                .map(|v| BearerToken(Some(v)))
+                .map_err(|_| ClientError::Status(tonic::Status::invalid_argument("the token holds characters not allowed in a header"))),
+        }
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "BearerToken(<set>)" } else { "BearerToken(none)" })
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The channel every stub of a [`Client`] uses: the connection plus the bearer token.
+pub type Transport = tonic::service::interceptor::InterceptedService<Channel, BearerToken>;
 
 /// The server address used when none is given.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
@@ -54,8 +92,9 @@ const LIST_PAGE_SIZE: u32 = 1000;
 /// A connection to a FilterDB server.
 #[derive(Debug, Clone)]
 pub struct Client {
-    inner: FilterDbClient<Channel>,
-    analytics: AnalyticsClient<Channel>,
+    inner: FilterDbClient<Transport>,
+    analytics: AnalyticsClient<Transport>,
+    transport: Transport,
     url: String,
 }
 
@@ -73,13 +112,30 @@ impl Client {
     /// Connects to `url` ("http://127.0.0.1:50051" or "127.0.0.1:50051"), failing fast when the
     /// server cannot be reached.
     pub async fn connect(url: &str) -> Result<Client, ClientError> {
+        Client::connect_with(url, None, None).await
+    }
+
+    /// Connects with a bearer token (sent on every call) and, for `https://` URLs or when
+    /// given, TLS settings (server CA, client identity for mTLS, domain name).
+    pub async fn connect_with(
+        url: &str,
+        token: Option<&str>,
+        tls: Option<ClientTlsConfig>,
+    ) -> Result<Client, ClientError> {
         let url = normalize_url(url);
-        let endpoint = Endpoint::from_shared(url.clone())
+        let auth = BearerToken::new(token)?;
+        let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(|error| ClientError::InvalidUrl {
                 url: url.clone(),
                 error,
             })?
             .connect_timeout(Duration::from_secs(10));
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls).map_err(|error| ClientError::InvalidUrl {
+                url: url.clone(),
+                error,
+            })?;
+        }
         let channel = endpoint
             .connect()
             .await
@@ -87,22 +143,34 @@ impl Client {
                 url: url.clone(),
                 error,
             })?;
-        Ok(Client::from_channel(channel, url))
+        Ok(Client::from_channel_with(channel, auth, url))
     }
 
     /// Wraps an existing channel (e.g. one built with custom TLS or timeouts).
     pub fn from_channel(channel: Channel, url: impl Into<String>) -> Client {
-        let analytics = AnalyticsClient::new(channel.clone())
+        Client::from_channel_with(channel, BearerToken::default(), url)
+    }
+
+    /// Wraps an existing channel, sending `auth` on every call.
+    pub fn from_channel_with(channel: Channel, auth: BearerToken, url: impl Into<String>) -> Client {
+        let transport = Transport::new(channel, auth);
+        let analytics = AnalyticsClient::new(transport.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let inner = FilterDbClient::new(channel)
+        let inner = FilterDbClient::new(transport.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Client {
             inner,
             analytics,
+            transport,
             url: url.into(),
         }
+    }
+
+    /// The authenticated channel, for stubs of other services (`AdminClient::new(c.transport())`).
+    pub fn transport(&self) -> Transport {
+        self.transport.clone()
     }
 
     /// The URL this client was connected with.
@@ -111,13 +179,13 @@ impl Client {
     }
 
     /// The generated stub, for calls this wrapper does not cover.
-    pub fn raw(&mut self) -> &mut FilterDbClient<Channel> {
+    pub fn raw(&mut self) -> &mut FilterDbClient<Transport> {
         &mut self.inner
     }
 
     /// The generated stub of the `Analytics` service (bases, distributions, drift, quality) on
     /// the same connection; its unary calls need no wrapping.
-    pub fn analytics(&mut self) -> &mut AnalyticsClient<Channel> {
+    pub fn analytics(&mut self) -> &mut AnalyticsClient<Transport> {
         &mut self.analytics
     }
 

@@ -1758,6 +1758,22 @@ mod tests {
         // Cell (0, 0) holds 0: dark purple.
         let (r, g, b) = pixel(&rgb, w, l.left + 3, l.top + 3);
         assert_eq!((r, g, b), (68, 1, 84));
+
+        // Many long keys: rotated column labels, small cells, values that no longer fit.
+        let g = 14;
+        let plot = Heatmap {
+            title: "Drift between many groups".into(),
+            keys: (0..g)
+                .map(|i| format!("a rather long group key {i}"))
+                .collect(),
+            values: (0..g * g)
+                .map(|i| ((i / g) as f64 - (i % g) as f64).abs() * 0.123)
+                .collect(),
+            value_label: "D".into(),
+            axis_label: "group".into(),
+        };
+        assert!(plot.layout().rotate);
+        check_png(&plot, "heat-many.png");
     }
 
     #[test]

@@ -630,8 +630,8 @@ impl Engine {
             e.3 += 1;
         }
         let mut bins: Vec<String> = bins.into_iter().collect();
-        // "first" before the deciles, deciles in numeric order (their labels sort correctly).
-        bins.sort_by_key(|b| (b != "first", b.clone()));
+        // "first", then "[0.0, 0.1]", then "(0.1, 0.2]" ... (the rest sort correctly as text).
+        bins.sort_by_key(|b| (b != "first", b != "[0.0, 0.1]", b.clone()));
         let cells = cells
             .into_iter()
             .map(|((_, bin), (name, num, den, layers))| (name, bin, if den > 0.0 { num / den } else { f64::NAN }, layers))

@@ -40,10 +40,19 @@
 //! `visual_category` from the path). Meta strings in `models.parquet` and `layers.parquet` are
 //! Arrow dictionaries; every file is zstd-compressed.
 //!
-//! **Memory.** One partition is written at a time, one row group buffered, batches of
-//! [`BATCH_ROWS`] rows read through the snapshot: peak memory is bounded by a row group
-//! (tens of MiB) plus the catalogue, whatever the number of filters. Restore holds one model's
-//! filters at a time (as ingest does).
+//! **Memory.** One partition is written at a time, one row group buffered (2^20 filter rows,
+//! or `LAYER_BATCH` (4,096) layer rows, each tens of MiB), batches of [`BATCH_ROWS`] rows read
+//! through the snapshot: peak memory is bounded by a row group plus the catalogue copy (records
+//! and statistics behind `Arc`s; the pinned-basis histograms are shared `Arc`s, only the map of
+//! pointers is copied), whatever the number of filters. Restore streams the filter files and
+//! holds one model's filters at a time (as ingest does: bounded by the largest model, ~2x its
+//! f32 bytes while committing) plus every layer's record, statistics and histogram read from
+//! `layers.parquet` (catalogue-sized, like the server's own catalogue). Measured by
+//! `cargo bench --bench snapshot`.
+//!
+//! **Restore is crash-safe**: it builds the database in `<data-dir>/.db.partial-<pid>-<nanos>`
+//! and renames it to `<data-dir>/db` once flushed and closed; a rerun after a crash removes the
+//! debris and starts again (see [`restore`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -491,9 +500,13 @@ impl HashingWriter {
 }
 
 fn props(kernel: bool) -> WriterProperties {
+    // The writer buffers a whole row group: filter rows are ~40 B, so 2^20 rows is tens of MiB;
+    // a layer row carries its statistics and histograms (several KiB), so layer (and model)
+    // files close a row group every LAYER_BATCH rows to keep the buffer at that size too.
+    let rows = if kernel { ROW_GROUP_ROWS } else { LAYER_BATCH };
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
-        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .set_max_row_group_row_count(Some(rows))
         .set_created_by(format!("filterdb {}", env!("CARGO_PKG_VERSION")));
     if kernel {
         // Float weights almost never repeat: a dictionary only costs time before the fallback.
@@ -1263,6 +1276,13 @@ struct RestoredLayer {
 /// Rebuilds a database in `data_dir` (which must hold no models) from the snapshot in `dir`,
 /// through the store's normal commit path with the original ids, so records, statistics,
 /// histograms, filters and id counters are bit-identical.
+///
+/// Crash-safe: the database is built in a hidden `<data_dir>/.db.partial-<pid>-<nanos>` folder,
+/// flushed and closed, then renamed to `<data_dir>/db` (and the folder fsynced). A restore
+/// killed midway leaves only such a folder, which the next restore into the same `data_dir`
+/// removes (when its process is gone) before starting again; `db` itself is never half filled.
+/// An existing `db` is accepted only when it holds no model (e.g. a server was started once on
+/// the folder); it is replaced by the restored one.
 pub fn restore(dir: &Path, data_dir: &Path, progress: &dyn Fn(Progress)) -> Result<RestoreSummary> {
     let m = read_manifest(dir)?;
     if m.kind != "snapshot" {
@@ -1273,6 +1293,19 @@ pub fn restore(dir: &Path, data_dir: &Path, progress: &dyn Fn(Progress)) -> Resu
             m.selection
         )));
     }
+    std::fs::create_dir_all(data_dir).map_err(|e| io_err(data_dir, "cannot create", e))?;
+    let final_db = data_dir.join("db");
+    if final_db.exists() {
+        let store = Store::open(&final_db)?;
+        let loaded = store.load_all()?;
+        if !loaded.models.is_empty() || loaded.next_ids != NextIds::default() {
+            return Err(EngineError::FailedPrecondition(format!(
+                "{}: already holds a database ({} models); restore into a new --data-dir",
+                data_dir.display(),
+                loaded.models.len()
+            )));
+        }
+    }
     progress(Progress {
         phase: "verify",
         done: 0,
@@ -1280,16 +1313,78 @@ pub fn restore(dir: &Path, data_dir: &Path, progress: &dyn Fn(Progress)) -> Resu
     });
     verify_files(dir, &m)?;
 
-    std::fs::create_dir_all(data_dir).map_err(|e| io_err(data_dir, "cannot create", e))?;
-    let store = Store::open(&data_dir.join("db"))?;
-    let loaded = store.load_all()?;
-    if !loaded.models.is_empty() || loaded.next_ids != NextIds::default() {
-        return Err(EngineError::FailedPrecondition(format!(
-            "{}: already holds a database ({} models); restore into a new --data-dir",
-            data_dir.display(),
-            loaded.models.len()
-        )));
+    remove_restore_debris(data_dir);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let tmp = data_dir.join(format!(
+        "{RESTORE_PARTIAL_PREFIX}{}-{nanos}",
+        std::process::id()
+    ));
+    let summary = match restore_into(dir, &m, &tmp, progress) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    // The store is closed (restore_into dropped it): move the finished database into place.
+    if final_db.exists() {
+        std::fs::remove_dir_all(&final_db)
+            .map_err(|e| io_err(&final_db, "cannot remove the empty database", e))?;
     }
+    std::fs::rename(&tmp, &final_db).map_err(|e| {
+        io_err(
+            &final_db,
+            "cannot rename the restored database into place",
+            e,
+        )
+    })?;
+    sync_dir(data_dir);
+    Ok(summary)
+}
+
+/// Prefix of the folder a restore builds its database in (inside the data directory).
+pub const RESTORE_PARTIAL_PREFIX: &str = ".db.partial-";
+
+/// Removes `.db.partial-<pid>-*` folders of restores whose process is gone (killed midway).
+fn remove_restore_debris(data_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix(RESTORE_PARTIAL_PREFIX) else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or("");
+        let alive = pid != std::process::id().to_string()
+            && !pid.is_empty()
+            && Path::new("/proc").join(pid).exists();
+        if alive {
+            tracing::warn!(path = %e.path().display(), "partial restore of a running process left alone");
+            continue;
+        }
+        match std::fs::remove_dir_all(e.path()) {
+            Ok(()) => {
+                tracing::info!(path = %e.path().display(), "removed an interrupted restore")
+            }
+            Err(err) => {
+                tracing::warn!(path = %e.path().display(), error = %err, "cannot remove an interrupted restore")
+            }
+        }
+    }
+}
+
+/// Builds the database of snapshot `dir` (manifest `m`, files verified) in `db_dir` (new).
+fn restore_into(
+    dir: &Path,
+    m: &Manifest,
+    db_dir: &Path,
+    progress: &dyn Fn(Progress),
+) -> Result<RestoreSummary> {
+    let store = Store::open(db_dir)?;
 
     // Models.
     let path = dir.join("models.parquet");
@@ -1574,14 +1669,13 @@ pub fn restore(dir: &Path, data_dir: &Path, progress: &dyn Fn(Progress)) -> Resu
 /// `filterdb-server restore SNAPSHOT --data-dir NEW`: restores with progress on stderr and a
 /// summary on stdout.
 pub fn restore_cli(snapshot: &Path, data_dir: &Path) -> anyhow::Result<()> {
-    let last = std::sync::Mutex::new(std::time::Instant::now());
+    let last = std::sync::Mutex::new((std::time::Instant::now(), ""));
     let progress = |p: Progress| {
+        // Phase changes always; within a phase at most one line a second, and the last one.
         let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
-        if p.phase != "restore"
-            || l.elapsed() >= std::time::Duration::from_secs(1)
-            || p.done == p.total
+        if p.phase != l.1 || l.0.elapsed() >= std::time::Duration::from_secs(1) || p.done == p.total
         {
-            *l = std::time::Instant::now();
+            *l = (std::time::Instant::now(), p.phase);
             let pct = if p.total > 0 {
                 100.0 * p.done as f64 / p.total as f64
             } else {

@@ -8,8 +8,11 @@
 pub mod analytics;
 pub mod api;
 pub mod catalog;
+pub mod config;
+pub mod cnnfdb;
 pub mod engine;
 pub mod jobs;
+pub mod ops;
 pub mod export;
 pub mod quality;
 pub mod readers;

@@ -1,35 +1,68 @@
 //! `filterdb-server`: the FilterDB gRPC server on its embedded RocksDB.
+//!
+//! Configuration comes from defaults < a TOML file (`--config`) < `FILTERDB_*` environment
+//! variables < flags; see `filterdb::config` and `deploy/filterdb.toml`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
+use filterdb::config::{self, Loaded};
 use filterdb::engine::Engine;
 use filterdb::server::{ServerConfig, serve};
 use tracing_subscriber::EnvFilter;
 
 /// FilterDB: a database of trained CNN convolution filters with a gRPC query server.
+///
+/// Precedence: defaults < --config file < FILTERDB_* environment variables < flags.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Data directory (created if missing).
-    #[arg(long, global = true, env = "FILTERDB_DATA_DIR", default_value = "./filterdb-data")]
-    data_dir: PathBuf,
-    /// Address to listen on.
-    #[arg(long, env = "FILTERDB_LISTEN", default_value = "127.0.0.1:50051")]
-    listen: String,
-    /// Log format: text or json.
-    #[arg(long, env = "FILTERDB_LOG_FORMAT", default_value = "text")]
-    log_format: String,
-    /// Take a snapshot into <data-dir>/snapshots every this many seconds (0: never).
-    #[arg(long, env = "FILTERDB_SNAPSHOT_INTERVAL_SECS", default_value_t = 0)]
-    snapshot_interval_secs: u64,
-    /// Periodic snapshots to keep (0: all).
-    #[arg(long, env = "FILTERDB_SNAPSHOT_RETAIN", default_value_t = 7)]
-    snapshot_retain: usize,
-    /// Configuration file (TOML): scheduled-ingestion sources as `[[source]]` tables.
+    /// Configuration file (TOML): server settings, `[[auth.token]]`, `[[source]]` tables.
     #[arg(long, env = "FILTERDB_CONFIG")]
     config: Option<PathBuf>,
+    /// Data directory (created if missing) [key data_dir].
+    #[arg(long, global = true)]
+    data_dir: Option<String>,
+    /// Address to listen on [key listen; default 127.0.0.1:50051].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Log format: text or json [key log_format].
+    #[arg(long)]
+    log_format: Option<String>,
+    /// Take a snapshot into <data-dir>/snapshots every this many seconds (0: never).
+    #[arg(long)]
+    snapshot_interval_secs: Option<String>,
+    /// Periodic snapshots to keep (0: all).
+    #[arg(long)]
+    snapshot_retain: Option<String>,
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9464) [key metrics_listen].
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Seconds in-flight calls may run after SIGTERM/SIGINT [key shutdown_grace_secs].
+    #[arg(long)]
+    shutdown_grace_secs: Option<String>,
+    /// Longest a call may run, seconds (0: only client deadlines) [key limits.request_timeout_secs].
+    #[arg(long)]
+    request_timeout_secs: Option<String>,
+    /// Calls served at once before shedding load [key limits.max_concurrent_requests].
+    #[arg(long)]
+    max_concurrent_requests: Option<String>,
+    /// PEM certificate chain for TLS [key tls.cert].
+    #[arg(long)]
+    tls_cert: Option<String>,
+    /// PEM private key for TLS [key tls.key].
+    #[arg(long)]
+    tls_key: Option<String>,
+    /// PEM CA for client certificates (mTLS) [key tls.client_ca].
+    #[arg(long)]
+    tls_client_ca: Option<String>,
+    /// Any scalar key, e.g. `--set limits.max_k=100` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print the effective configuration as TOML (token hashes masked) and exit.
+    #[arg(long)]
+    print_config: bool,
     /// Without a subcommand: serve.
     #[command(subcommand)]
     command: Option<Sub>,
@@ -45,48 +78,79 @@ enum Sub {
     },
 }
 
+impl Args {
+    /// The flags given, as (key, value) pairs in the configuration's key space.
+    fn flags(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for (key, v) in [
+            ("data_dir", &self.data_dir),
+            ("listen", &self.listen),
+            ("log_format", &self.log_format),
+            ("snapshot_interval_secs", &self.snapshot_interval_secs),
+            ("snapshot_retain", &self.snapshot_retain),
+            ("metrics_listen", &self.metrics_listen),
+            ("shutdown_grace_secs", &self.shutdown_grace_secs),
+            ("limits.request_timeout_secs", &self.request_timeout_secs),
+            (
+                "limits.max_concurrent_requests",
+                &self.max_concurrent_requests,
+            ),
+            ("tls.cert", &self.tls_cert),
+            ("tls.key", &self.tls_key),
+            ("tls.client_ca", &self.tls_client_ca),
+        ] {
+            if let Some(v) = v {
+                out.push((key.to_string(), v.clone()));
+            }
+        }
+        for s in &self.set {
+            let (k, v) = s.split_once('=').ok_or_else(|| {
+                anyhow::anyhow!("--set `{s}`: expected KEY=VALUE, e.g. --set limits.max_k=100")
+            })?;
+            out.push((k.trim().to_string(), v.to_string()));
+        }
+        Ok(out)
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let loaded: Loaded = config::load(args.config.as_deref(), std::env::vars(), &args.flags()?)?;
+    if args.print_config {
+        print!("{}", loaded.to_toml());
+        return Ok(());
+    }
+    let cfg = loaded.config;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if args.log_format == "json" {
-        tracing_subscriber::fmt().with_env_filter(filter).json().init();
+    if cfg.log_format == "json" {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .json()
+            .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
     if let Some(Sub::Restore { snapshot }) = &args.command {
-        return filterdb::export::restore_cli(snapshot, &args.data_dir);
+        return filterdb::export::restore_cli(snapshot, &cfg.data_dir);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async move {
-        let engine = Arc::new(Engine::open(&args.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?);
-        let listener = tokio::net::TcpListener::bind(&args.listen)
+    let server_config = ServerConfig::from_config(&cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async move {
+        let engine = Arc::new(Engine::open(&cfg.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?);
+        let listener = tokio::net::TcpListener::bind(&cfg.listen)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
-        if args.snapshot_interval_secs > 0 {
-            let every = std::time::Duration::from_secs(args.snapshot_interval_secs);
-            filterdb::export::spawn_periodic(engine.clone(), every, args.snapshot_retain);
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} (key listen): {e}", cfg.listen))?;
+        if cfg.snapshot_interval_secs > 0 {
+            let every = std::time::Duration::from_secs(cfg.snapshot_interval_secs);
+            filterdb::export::spawn_periodic(engine.clone(), every, cfg.snapshot_retain);
         }
-        let mut config = ServerConfig::default();
-        if let Some(path) = &args.config {
-            config.sources = read_sources(path)?;
-        }
-        serve(engine, listener, config, shutdown_signal()).await
-    })
-}
-
-/// The `[[source]]` tables of the configuration file.
-fn read_sources(path: &std::path::Path) -> anyhow::Result<Vec<filterdb::jobs::SourceConfig>> {
-    #[derive(serde::Deserialize)]
-    struct File {
-        #[serde(default)]
-        source: Vec<filterdb::jobs::SourceConfig>,
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
-    let f: File = toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
-    for s in &f.source {
-        s.validate().map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
-    }
-    Ok(f.source)
+        serve(engine, listener, server_config, shutdown_signal()).await
+    });
+    // Blocking workers of calls cut off by the grace period get a moment, not forever.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    result
 }
 
 async fn shutdown_signal() {
@@ -105,4 +169,5 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("signal received: shutting down");
 }

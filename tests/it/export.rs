@@ -547,3 +547,366 @@ async fn kill_9_during_snapshot_leaves_nothing_that_looks_complete() {
     assert_eq!(r.filters, 24 * 65_536);
     proc.kill9();
 }
+
+fn cli_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("filterdb");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo nextest run --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs the `filterdb` CLI against `url` from `cwd`; returns (success, stdout, stderr).
+async fn run_cli(url: &str, cwd: &Path, args: &[&str]) -> (bool, String, String) {
+    let o = tokio::process::Command::new(cli_binary())
+        .arg("--server")
+        .arg(url)
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .await
+        .expect("run filterdb");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_snapshot_and_export_write_datasets() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let server = setup(dir.path()).await;
+    let url = server.url.clone();
+    let mut c = server.client().await;
+    let (models, layers, filters) = totals(&mut c).await;
+
+    // `filterdb snapshot --out DIR`: a human summary line, a complete dataset.
+    let snap = out.path().join("snap");
+    let (ok, stdout, stderr) = run_cli(
+        &url,
+        out.path(),
+        &["snapshot", "--out", snap.to_str().unwrap()],
+    )
+    .await;
+    assert!(ok, "{stdout}\n{stderr}");
+    let want = format!(
+        "snapshot {}: {models} models, {layers} layers, {filters} filters in ",
+        snap.display()
+    );
+    assert!(stdout.starts_with(&want), "{stdout}");
+    let m = filterdb::export::read_manifest(&snap).unwrap();
+    assert_eq!(
+        (
+            m.kind.as_str(),
+            m.rows.models,
+            m.rows.layers,
+            m.rows.filters
+        ),
+        ("snapshot", models, layers, filters)
+    );
+    // The same folder again: refused, nothing overwritten.
+    let (ok, _, stderr) = run_cli(
+        &url,
+        out.path(),
+        &["snapshot", "--out", snap.to_str().unwrap()],
+    )
+    .await;
+    assert!(!ok);
+    assert!(stderr.contains("already exists"), "{stderr}");
+    assert_eq!(filterdb::export::read_manifest(&snap).unwrap(), m);
+
+    // `filterdb snapshot` without --out: a new snapshot-<time> folder under <data-dir>/snapshots.
+    let (ok, stdout, stderr) = run_cli(&url, out.path(), &["--json", "snapshot"]).await;
+    assert!(ok, "{stdout}\n{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let auto = PathBuf::from(v["path"].as_str().unwrap());
+    assert_eq!(auto.parent().unwrap(), dir.path().join("snapshots"));
+    assert!(
+        auto.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("snapshot-")
+    );
+    assert_eq!(v["filters"], filters);
+    assert_eq!(v["manifest"]["kind"], "snapshot");
+    assert!(auto.join("manifest.json").is_file());
+
+    // `filterdb --json export --where ... --out REL`: relative to the CLI's working directory.
+    let (ok, stdout, stderr) = run_cli(
+        &url,
+        out.path(),
+        &[
+            "--json",
+            "export",
+            "--where",
+            "task = Classification and layer_index <= 2",
+            "--out",
+            "exp",
+        ],
+    )
+    .await;
+    assert!(ok, "{stdout}\n{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let export = out.path().join("exp");
+    assert_eq!(v["path"], export.display().to_string());
+    assert_eq!(v["models"], 2);
+    assert_eq!(v["manifest"]["kind"], "export");
+    assert_eq!(
+        v["manifest"]["selection"],
+        "task = Classification and layer_index <= 2"
+    );
+    let sel = c
+        .census(pb::CensusRequest {
+            selection: Some(pb::Selection {
+                expr: "task = Classification and layer_index <= 2".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .total
+        .unwrap();
+    assert_eq!(
+        (v["layers"].as_u64(), v["filters"].as_u64()),
+        (Some(sel.layers), Some(sel.filters))
+    );
+    let m = filterdb::export::read_manifest(&export).unwrap();
+    assert_eq!(m.rows.filters, sel.filters);
+    assert!(
+        m.files
+            .iter()
+            .all(|f| !f.path.starts_with("filters/") || f.path.contains("task=Classification/")),
+        "{:?}",
+        m.files
+    );
+    // A bad selection is refused by the CLI before anything is written.
+    let (ok, _, stderr) = run_cli(
+        &url,
+        out.path(),
+        &["export", "--where", "task ==== x", "--out", "bad"],
+    )
+    .await;
+    assert!(!ok);
+    assert!(!stderr.is_empty());
+    assert!(!out.path().join("bad").exists());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_restore_then_rerun_restores_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let server = setup(dir.path()).await;
+    let mut c = server.client().await;
+    // Eight more models of 4 x 65,536 filters, so the restore can be killed after it has
+    // committed some models and before it ends.
+    const BIG: u64 = 4 * 65_536;
+    for i in 0..8u32 {
+        ingest_bytes(
+            &mut c,
+            meta(&format!("big{i}"), "imagenet", "Classification", "vgg"),
+            "big.safetensors",
+            big_safetensors(4, 100 + i),
+            pb::NameConflict::Error,
+        )
+        .await
+        .expect("ingest");
+    }
+    let snap = out.path().join("snap");
+    let r = take_snapshot(&server.url, &snap).await;
+    let want = answers(&server.url).await;
+    server.stop().await;
+
+    let data = out.path().join("restored");
+    let restore = || {
+        Command::new(server_binary())
+            .args([
+                "restore",
+                snap.to_str().unwrap(),
+                "--data-dir",
+                data.to_str().unwrap(),
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn restore")
+    };
+    // Kill -9 once the hidden partial database holds the bytes of two big models (their
+    // synced commits are in its write-ahead log), while later models are still to come.
+    let mut child = restore();
+    let threshold = 2 * BIG * 36;
+    let started = std::time::Instant::now();
+    let bytes_written = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("restore ended ({st:?}) before the kill; make the snapshot bigger");
+        }
+        let partial = std::fs::read_dir(&data).ok().and_then(|rd| {
+            rd.flatten()
+                .find(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(filterdb::export::RESTORE_PARTIAL_PREFIX)
+                })
+                .map(|e| e.path())
+        });
+        let n = partial.map(|p| dir_size(&p)).unwrap_or(0);
+        if n >= threshold {
+            child.kill().unwrap();
+            break n;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "restore wrote no database"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "{status:?}: restore finished before the kill"
+    );
+    assert!(bytes_written < r.filters * 36, "{bytes_written}");
+    // The half-built database is only in a hidden partial folder; `db` does not exist.
+    let names: Vec<String> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(!data.join("db").exists(), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .any(|n| n.starts_with(filterdb::export::RESTORE_PARTIAL_PREFIX)),
+        "{names:?}"
+    );
+
+    // The rerun succeeds, removes the debris, and the result is bit-identical.
+    let o = Command::new(server_binary())
+        .args([
+            "restore",
+            snap.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .output()
+        .expect("rerun restore");
+    assert!(
+        o.status.success(),
+        "rerun failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let names: Vec<String> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(names, vec!["db".to_string()]);
+    let server2 = TestServer::start(&data).await;
+    let got = answers(&server2.url).await;
+    assert_eq!(got.models, want.models);
+    assert_eq!(got.layers, want.layers);
+    assert!(got.filters == want.filters, "filters differ");
+    assert_eq!(got.census, want.census);
+    assert_eq!(got.pinned, want.pinned);
+    assert_eq!(got.distributions, want.distributions);
+    assert_eq!(got.basis, want.basis);
+    server2.stop().await;
+}
+
+/// The Spark check (tests/spark/run.sh): a standalone cluster on loopback (one master, two
+/// 1-core workers) reads a snapshot and must compute the server's census per task and per-task
+/// means. Needs Java 17+ and pyspark (run.sh installs it into a venv on first use).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spark_cluster_reads_snapshot_and_agrees_with_server() {
+    let java = std::process::Command::new("java").arg("-version").output();
+    assert!(
+        java.as_ref().is_ok_and(|o| o.status.success()),
+        "this test needs Java 17+ on PATH for Apache Spark (apt-get install openjdk-17-jre-headless): {java:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let server = setup(dir.path()).await;
+    let snap = out.path().join("snap");
+    take_snapshot(&server.url, &snap).await;
+    // The server's answers: census per task from the CLI, means from the stored statistics.
+    let (ok, census, stderr) = run_cli(
+        &server.url,
+        out.path(),
+        &["--json", "census", "--group-by", "task"],
+    )
+    .await;
+    assert!(ok, "{census}\n{stderr}");
+    server.stop().await;
+    let census_path = out.path().join("census.json");
+    std::fs::write(&census_path, census).unwrap();
+    let o = tokio::process::Command::new(python())
+        .arg(repo().join("tests/spark/make_expected.py"))
+        .arg("--census")
+        .arg(&census_path)
+        .arg("--layers")
+        .arg(snap.join("layers.parquet"))
+        .output()
+        .await
+        .expect("run make_expected.py (set FILTERDB_PYTHON or run .ci/run)");
+    assert!(
+        o.status.success(),
+        "make_expected.py failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let expected = out.path().join("expected.json");
+    std::fs::write(&expected, &o.stdout).unwrap();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let o = tokio::process::Command::new(repo().join("tests/spark/run.sh"))
+        .env("FILTERDB_SPARK_PORT", port.to_string())
+        .arg(&snap)
+        .arg(&expected)
+        .output()
+        .await
+        .expect("run tests/spark/run.sh");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success(),
+        "spark check failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for line in [
+        "OK cluster spark://127.0.0.1:",
+        "OK spark census 2 tasks",
+        "OK spark means 2 tasks x 9",
+        "OK spark pruning task = ",
+        "OK timing",
+    ] {
+        assert!(stdout.contains(line), "missing `{line}`:\n{stdout}");
+    }
+    println!("{stdout}");
+}
+
+fn dir_size(p: &Path) -> u64 {
+    std::fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_size(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}

@@ -5,11 +5,13 @@
 mod analytics;
 mod bad_inputs;
 mod cli;
+mod cnnfdb;
 mod crash;
 mod export;
 mod harness;
 mod ingest;
 mod jobs;
+mod ops;
 mod python;
 mod search;
 mod service;

@@ -373,6 +373,15 @@ fn group_spec(field: Option<Field>) -> Option<GroupSpec> {
 fn check_plot_path(p: Option<&Path>) -> anyhow::Result<()> {
     if let Some(p) = p {
         plot::image_format(p)?;
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.is_dir()
+        {
+            bail!(
+                "cannot plot to `{}`: the folder `{}` does not exist",
+                p.display(),
+                dir.display()
+            );
+        }
     }
     Ok(())
 }

@@ -28,11 +28,9 @@ pub enum JobsAction {
     },
 }
 
-async fn client(ctx: &Ctx) -> anyhow::Result<JobsClient<tonic::transport::Channel>> {
-    let url = filterdb_client::normalize_url(&ctx.server);
-    JobsClient::connect(url.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach FilterDB at {url}: {e} (is filterdb-server running?)"))
+/// A Jobs stub on the CLI's connection (token and TLS included).
+async fn client(ctx: &Ctx) -> anyhow::Result<JobsClient<filterdb_client::Transport>> {
+    Ok(JobsClient::new(ctx.connect().await?.transport()))
 }
 
 fn status(e: tonic::Status) -> anyhow::Error {

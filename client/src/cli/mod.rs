@@ -1,6 +1,8 @@
 //! Command-line arguments of `filterdb` and the dispatch to the commands.
 
 mod analytics;
+mod backup;
+mod cnnfdb;
 mod commands;
 mod export;
 mod ingest;
@@ -27,6 +29,12 @@ pub struct Cli {
     /// Machine output: one JSON document per command on stdout.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Bearer token for a server with authentication on.
+    #[arg(long, global = true, env = "FILTERDB_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM CA certificate to verify an `https://` server with.
+    #[arg(long, global = true, env = "FILTERDB_CA_CERT", value_name = "PEM")]
+    pub ca_cert: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -82,6 +90,10 @@ pub enum Command {
     Profile(profile::ProfileArgs),
     /// Write the layers and filters of a selection as a Parquet dataset (on the server's host).
     Export(export::ExportArgs),
+    /// Write an online RocksDB checkpoint (a restorable data directory) on the server's host.
+    Backup(backup::BackupArgs),
+    /// Import the CNN Filter DB release (HDF5 filters + meta Parquet, on the server's host); resumable.
+    ImportCnnfdb(cnnfdb::ImportCnnFdbArgs),
 }
 
 /// Checkpoint container format.
@@ -320,12 +332,25 @@ pub struct Ctx {
     pub server: String,
     /// JSON output instead of tables.
     pub json: bool,
+    /// Bearer token, if any.
+    pub token: Option<String>,
+    /// CA certificate for TLS, if any.
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Ctx {
     /// Connects to the server.
     pub async fn connect(&self) -> Result<Client, ClientError> {
-        Client::connect(&self.server).await
+        let tls = match &self.ca_cert {
+            Some(p) => {
+                let pem = std::fs::read(p).map_err(|e| {
+                    ClientError::Status(tonic::Status::invalid_argument(format!("--ca-cert {}: {e}", p.display())))
+                })?;
+                Some(tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem)))
+            }
+            None => None,
+        };
+        Client::connect_with(&self.server, self.token.as_deref(), tls).await
     }
 }
 
@@ -334,6 +359,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let ctx = Ctx {
         server: cli.server,
         json: cli.json,
+        token: cli.token,
+        ca_cert: cli.ca_cert,
     };
     match cli.command {
         Command::Ingest(a) => return ingest::run(&ctx, a).await,
@@ -360,6 +387,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Jobs(a) => jobs::run(&ctx, a).await?,
         Command::Profile(a) => profile::run(&ctx, a).await?,
         Command::Export(a) => export::export(&ctx, a).await?,
+        Command::Backup(a) => backup::run(&ctx, a).await?,
+        Command::ImportCnnfdb(a) => cnnfdb::run(&ctx, a).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -22,10 +22,19 @@ pub struct AnalyticsService {
     max_groups: usize,
 }
 
+/// Most groups an analytics answer holds unless configured otherwise.
+pub const DEFAULT_MAX_GROUPS: usize = 10_000;
+
 impl AnalyticsService {
     /// Wraps an engine.
     pub fn new(engine: Arc<Engine>) -> Self {
-        AnalyticsService { engine, max_groups: 10_000 }
+        AnalyticsService { engine, max_groups: DEFAULT_MAX_GROUPS }
+    }
+
+    /// Sets the most groups an answer may hold.
+    pub fn with_max_groups(mut self, max_groups: usize) -> Self {
+        self.max_groups = max_groups.max(1);
+        self
     }
 }
 
@@ -338,7 +347,9 @@ impl pb::analytics_server::Analytics for AnalyticsService {
         &self,
         request: Request<tonic::Streaming<pb::ProfileCheckpointRequest>>,
     ) -> Result<Response<pb::ProfileCheckpointResponse>, Status> {
-        Ok(Response::new(self.profile(request.into_inner()).await?))
+        // Storing the profiled checkpoint is an ingest: it needs the write role.
+        let may_store = crate::ops::require(request.extensions(), crate::config::Role::Write, "ProfileCheckpoint with store = true");
+        Ok(Response::new(self.profile_checked(request.into_inner(), may_store).await?))
     }
 
     async fn density2_d(&self, request: Request<pb::Density2DRequest>) -> Result<Response<pb::Density2DResponse>, Status> {
@@ -355,7 +366,16 @@ impl AnalyticsService {
     /// ProfileCheckpoint: stage the upload, profile it, optionally store it.
     pub async fn profile(
         &self,
+        inbound: tonic::Streaming<pb::ProfileCheckpointRequest>,
+    ) -> Result<pb::ProfileCheckpointResponse, Status> {
+        self.profile_checked(inbound, Ok(())).await
+    }
+
+    /// ProfileCheckpoint where `may_store` is the caller's permission to store.
+    async fn profile_checked(
+        &self,
         mut inbound: tonic::Streaming<pb::ProfileCheckpointRequest>,
+        may_store: Result<(), Status>,
     ) -> Result<pb::ProfileCheckpointResponse, Status> {
         use sha2::Digest;
         use std::io::Write;
@@ -377,6 +397,7 @@ impl AnalyticsService {
         let format = super::convert::format_in(header.format)?;
         let meta = super::convert::meta_in(header.meta.as_ref());
         if header.store {
+            may_store?;
             self.engine.normalize_meta(&meta).map_err(status)?;
         }
         let file_name = if header.file_name.is_empty() { "<upload>".to_string() } else { header.file_name.clone() };

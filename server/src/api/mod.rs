@@ -1,7 +1,9 @@
 //! The tonic service for `filterdb.v1.FilterDb`: converts proto ↔ domain, runs engine calls off
 //! the async runtime, and streams large results in bounded batches.
 
+pub mod admin;
 pub mod analytics;
+pub mod cnnfdb;
 pub mod convert;
 pub mod jobs;
 pub mod export;
@@ -31,11 +33,13 @@ pub struct Limits {
     pub max_page_size: u32,
     /// Largest GetFilters batch, filters.
     pub max_filter_batch: u32,
+    /// Most filters one GetFilters stream may return (0: no limit; Flight exports are exempt).
+    pub max_stream_rows: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_upload_bytes: 16 << 30, max_page_size: 1000, max_filter_batch: 262_144 }
+        Limits { max_upload_bytes: 16 << 30, max_page_size: 1000, max_filter_batch: 262_144, max_stream_rows: 0 }
     }
 }
 
@@ -171,6 +175,15 @@ impl pb::filter_db_server::FilterDb for FilterDbService {
             let engine = engine.clone();
             blocking(move || engine.plan_filters(&target).map_err(status)).await?
         };
+        let rows: u64 = segments.iter().map(|s| s.end - s.start).sum();
+        if self.limits.max_stream_rows > 0 && rows > self.limits.max_stream_rows {
+            return Err(Status::resource_exhausted(format!(
+                "GetFilters would stream {rows} filters, above this server's limit of {} \
+                 (limits.max_stream_rows); narrow the request or export with Arrow Flight",
+                self.limits.max_stream_rows
+            )));
+        }
+        metrics::counter!("filterdb_get_filters_rows_total").increment(rows);
         let (tx, rx) = mpsc::channel::<Result<pb::FilterBatch, Status>>(4);
         tokio::task::spawn_blocking(move || {
             let db = engine.store().db().clone();
@@ -316,6 +329,7 @@ async fn run_ingest(
         )));
     }
     let sha256 = hex::encode(hasher.finalize());
+    metrics::counter!("filterdb_ingest_bytes_total").increment(received);
     if !header.expected_sha256.is_empty() && !header.expected_sha256.eq_ignore_ascii_case(&sha256) {
         return Err(Status::invalid_argument(format!(
             "{file_name}: sha256 of the received bytes is {sha256}, expected {}",
@@ -340,6 +354,15 @@ async fn run_ingest(
     .await
     .map_err(|e| Status::internal(format!("ingest worker failed: {e}")))?
     .map_err(status)?;
+    let outcome_label = match outcome {
+        IngestOutcome::Created => "created",
+        IngestOutcome::Unchanged => "unchanged",
+        IngestOutcome::Replaced => "replaced",
+    };
+    metrics::counter!("filterdb_ingest_models_total", "outcome" => outcome_label).increment(1);
+    if !matches!(outcome, IngestOutcome::Unchanged) {
+        metrics::counter!("filterdb_ingest_filters_total").increment(model.n_filters);
+    }
     let outcome = match outcome {
         IngestOutcome::Created => pb::IngestOutcome::Created,
         IngestOutcome::Unchanged => pb::IngestOutcome::Unchanged,
