@@ -865,7 +865,10 @@ pub fn run(
             })?
     };
 
-    let (mut read_wait, mut store_time) = (Duration::ZERO, Duration::ZERO);
+    // Where the time goes (logged at the end): waiting for the reader, per-layer statistics,
+    // and the commit (histograms + RocksDB write), split by the engine's progress phases.
+    let (mut read_wait, mut store_time, mut commit_time) =
+        (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let result = (|| -> Result<()> {
         let mut filters_finished = p.filters_done;
         for &i in &todo {
@@ -923,8 +926,18 @@ pub fn run(
             let req = request(plan, m, opts);
             let t_store = std::time::Instant::now();
             read_wait += t_store.duration_since(t_wait);
-            let r = engine.ingest_extracted(extracted, &req, &|_, _, _| {});
+            let writing_at = std::sync::Mutex::new(None);
+            let r = engine.ingest_extracted(extracted, &req, &|phase, _, _| {
+                if phase == crate::engine::Phase::Writing
+                    && let Ok(mut w) = writing_at.lock()
+                {
+                    w.get_or_insert_with(std::time::Instant::now);
+                }
+            });
             store_time += t_store.elapsed();
+            if let Some(w) = writing_at.lock().ok().and_then(|w| *w) {
+                commit_time += w.elapsed();
+            }
             let (outcome, stored) = match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -986,6 +999,7 @@ pub fn run(
             file = %plan.file_name, created = p.models_created, unchanged = p.models_unchanged,
             filters = p.filters_done, stopped_early = p.stopped_early,
             waiting_for_reads_s = read_wait.as_secs_f64(), storing_s = store_time.as_secs_f64(),
+            of_which_commit_s = commit_time.as_secs_f64(),
             "CNN Filter DB import finished"
         );
         progress(&p);

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use filterdb_client::normalize_url;
 use filterdb_client::proto::ImportCnnFdbRequest;
 use filterdb_client::proto::cnn_fdb_import_client::CnnFdbImportClient;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -42,12 +41,8 @@ fn absolute(p: &Path) -> anyhow::Result<String> {
 
 /// Runs `filterdb import-cnnfdb`.
 pub async fn run(ctx: &Ctx, a: ImportCnnFdbArgs) -> anyhow::Result<()> {
-    let url = normalize_url(&ctx.server);
-    let mut c = CnnFdbImportClient::connect(url.clone())
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!("cannot reach FilterDB at {url}: {e} (is filterdb-server running?)")
-        })?;
+    // The CLI's connection, so --token and --ca-cert apply.
+    let mut c = CnnFdbImportClient::new(ctx.connect().await?.transport());
     let req = ImportCnnFdbRequest {
         filters_path: absolute(&a.filters)?,
         meta_path: absolute(&a.meta)?,

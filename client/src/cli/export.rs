@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use filterdb_client::proto::snapshots_client::SnapshotsClient;
 use filterdb_client::proto::{ExportRequest, SnapshotProgress, SnapshotRequest, SnapshotResult};
-use filterdb_client::{normalize_url, selection};
+use filterdb_client::selection;
 use indicatif::{ProgressBar, ProgressStyle};
 use tonic::Streaming;
 
@@ -37,11 +37,9 @@ fn absolute(p: &Path) -> anyhow::Result<String> {
     Ok(std::path::absolute(p)?.display().to_string())
 }
 
-async fn connect(ctx: &Ctx) -> anyhow::Result<SnapshotsClient<tonic::transport::Channel>> {
-    let url = normalize_url(&ctx.server);
-    SnapshotsClient::connect(url.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {url}: {e}"))
+/// A Snapshots stub on the CLI's connection (token and TLS included).
+async fn connect(ctx: &Ctx) -> anyhow::Result<SnapshotsClient<filterdb_client::Transport>> {
+    Ok(SnapshotsClient::new(ctx.connect().await?.transport()))
 }
 
 /// Follows a progress stream to its result, with a bar on stderr.

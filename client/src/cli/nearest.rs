@@ -1,16 +1,14 @@
 //! `filterdb nearest`: the k stored filters nearest to a kernel or to a stored filter.
 
 use std::io::Write;
-use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use filterdb_client::proto::search_client::SearchClient;
 use filterdb_client::proto::{
     FilterConditions, NearestRequest, NearestResponse, SearchMode, SearchSpace, nearest_request,
 };
-use filterdb_client::{ClientError, MAX_MESSAGE_BYTES, normalize_url, selection};
+use filterdb_client::{ClientError, MAX_MESSAGE_BYTES, selection};
 use serde_json::{Value, json};
-use tonic::transport::{Channel, Endpoint};
 
 use super::Ctx;
 use super::render::{kernel_grid, table};
@@ -109,19 +107,9 @@ pub struct NearestArgs {
     pub exact: bool,
 }
 
-async fn connect(server: &str) -> Result<SearchClient<Channel>, ClientError> {
-    let url = normalize_url(server);
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|error| ClientError::InvalidUrl {
-            url: url.clone(),
-            error,
-        })?
-        .connect_timeout(Duration::from_secs(10));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|error| ClientError::Connect { url, error })?;
-    Ok(SearchClient::new(channel)
+/// A Search stub on the CLI's connection (token and TLS included).
+async fn connect(ctx: &Ctx) -> Result<SearchClient<filterdb_client::Transport>, ClientError> {
+    Ok(SearchClient::new(ctx.connect().await?.transport())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
@@ -219,7 +207,7 @@ pub fn response_to_json(r: &NearestResponse) -> Value {
 /// Runs `nearest`.
 pub async fn nearest(ctx: &Ctx, a: NearestArgs) -> anyhow::Result<()> {
     let req = request(&a)?;
-    let mut c = connect(&ctx.server).await?;
+    let mut c = connect(ctx).await?;
     let r = c
         .nearest(req)
         .await
