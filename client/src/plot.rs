@@ -1453,7 +1453,7 @@ impl DensityImage {
 
     fn t(&self, v: f64) -> f64 {
         let (lo, hi) = self.log_range();
-        if !(v > 0.0) {
+        if v.is_nan() || v <= 0.0 {
             return 0.0;
         }
         ((v.log10() - lo) / (hi - lo)).clamp(0.0, 1.0)
@@ -1500,7 +1500,7 @@ impl Plot for DensityImage {
                 s = self.side
             )));
         }
-        if !(self.vmin > 0.0) {
+        if self.vmin.is_nan() || self.vmin <= 0.0 {
             return Err(PlotError::Data("vmin must be positive".into()));
         }
         let (lo, hi) = self.extent;

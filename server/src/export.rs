@@ -82,6 +82,9 @@ use crate::stats::LayerStats;
 use crate::store::Store;
 use crate::store::records::{BasisRecord, LayerHistogram, LayerRecord, ModelRecord, NextIds};
 
+/// The pinned basis and its histograms as a snapshot sees them.
+type PinnedView = (Arc<BasisRecord>, HashMap<u64, Arc<LayerHistogram>>);
+
 /// Name written in `manifest.json` `format`.
 pub const DATASET_FORMAT: &str = "filterdb-dataset";
 /// Version of the dataset layout (files, columns, manifest).
@@ -180,7 +183,7 @@ pub struct Progress {
 struct View<'a> {
     catalog: Catalog,
     snapshot: rocksdb::Snapshot<'a>,
-    basis: Option<(Arc<BasisRecord>, HashMap<u64, Arc<LayerHistogram>>)>,
+    basis: Option<PinnedView>,
 }
 
 /// The selected part of a view, grouped by partition.

@@ -8,10 +8,7 @@ use filterdb_proto as pb;
 use crate::harness::*;
 
 fn cli() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe.parent().and_then(|d| d.parent()).expect("target dir").join("filterdb");
-    assert!(bin.exists(), "{} not built: run `cargo nextest run --workspace`", bin.display());
-    bin
+    crate::harness::binary("filterdb")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -409,19 +409,8 @@ async fn cnnfdb_bad_inputs_are_invalid_argument_naming_the_row() {
     server.stop().await;
 }
 
-fn cli() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("filterdb");
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo nextest run --workspace`",
-        bin.display()
-    );
-    bin
+fn cli() -> std::path::PathBuf {
+    crate::harness::binary("filterdb")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,11 +9,7 @@ use pb::filter_db_client::FilterDbClient;
 use crate::harness::*;
 
 fn server_binary() -> std::path::PathBuf {
-    // tests run from <target>/debug/deps/it-<hash>; the binary is <target>/debug/filterdb-server
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe.parent().and_then(|d| d.parent()).expect("target dir").join("filterdb-server");
-    assert!(bin.exists(), "{} not built: run `cargo nextest run --workspace` (builds the server binary)", bin.display());
-    bin
+    crate::harness::binary("filterdb-server")
 }
 
 fn free_port() -> u16 {

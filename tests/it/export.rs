@@ -11,19 +11,8 @@ use pb::snapshots_client::SnapshotsClient;
 
 use crate::harness::*;
 
-fn server_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("filterdb-server");
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo nextest run --workspace`",
-        bin.display()
-    );
-    bin
+fn server_binary() -> std::path::PathBuf {
+    crate::harness::binary("filterdb-server")
 }
 
 fn python() -> String {
@@ -369,32 +358,6 @@ async fn python_duckdb_pyarrow_and_flight_read_snapshot_and_export() {
     server.stop().await;
 }
 
-/// A safetensors file of `layers` conv weights [256, 256, 3, 3] with deterministic values.
-fn big_safetensors(layers: usize, seed: u32) -> Vec<u8> {
-    let per = 256 * 256 * 9;
-    let mut header = serde_json::Map::new();
-    for l in 0..layers {
-        header.insert(
-            format!("features.{l}.weight"),
-            serde_json::json!({"dtype": "F32", "shape": [256, 256, 3, 3], "data_offsets": [l * per * 4, (l + 1) * per * 4]}),
-        );
-    }
-    let mut h = serde_json::Value::Object(header).to_string().into_bytes();
-    while !h.len().is_multiple_of(8) {
-        h.push(b' ');
-    }
-    let mut out = Vec::with_capacity(8 + h.len() + layers * per * 4);
-    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
-    out.extend_from_slice(&h);
-    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    for _ in 0..layers * per {
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        out.extend_from_slice(&((x as f32 / u32::MAX as f32) - 0.5).to_le_bytes());
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_during_concurrent_ingest_holds_no_half_model() {
@@ -404,7 +367,7 @@ async fn snapshot_during_concurrent_ingest_holds_no_half_model() {
     let mut c = server.client().await;
     let ingest = tokio::spawn(async move {
         for i in 0..6u32 {
-            let bytes = big_safetensors(2, i + 1);
+            let bytes = crate::crash::big_safetensors(2, i + 1);
             ingest_bytes(
                 &mut c,
                 meta(&format!("conc{i}"), "imagenet", "Classification", "vgg"),
@@ -501,7 +464,7 @@ async fn kill_9_during_snapshot_leaves_nothing_that_looks_complete() {
         &mut c,
         meta("big", "imagenet", "Classification", "vgg"),
         "big.safetensors",
-        big_safetensors(24, 7),
+        crate::crash::big_safetensors(24, 7),
         pb::NameConflict::Error,
     )
     .await
@@ -549,18 +512,7 @@ async fn kill_9_during_snapshot_leaves_nothing_that_looks_complete() {
 }
 
 fn cli_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("filterdb");
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo nextest run --workspace`",
-        bin.display()
-    );
-    bin
+    crate::harness::binary("filterdb")
 }
 
 /// Runs the `filterdb` CLI against `url` from `cwd`; returns (success, stdout, stderr).
@@ -717,7 +669,7 @@ async fn kill_9_during_restore_then_rerun_restores_bit_identically() {
             &mut c,
             meta(&format!("big{i}"), "imagenet", "Classification", "vgg"),
             "big.safetensors",
-            big_safetensors(4, 100 + i),
+            crate::crash::big_safetensors(4, 100 + i),
             pb::NameConflict::Error,
         )
         .await

@@ -14,6 +14,15 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// A workspace binary (`filterdb-server`, `filterdb`) next to the test binary's folder: tests run
+/// from <target>/debug/deps/it-<hash>, binaries live in <target>/debug.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe.parent().and_then(|d| d.parent()).expect("target dir").join(name);
+    assert!(bin.exists(), "{} not built: run `cargo nextest run --workspace`", bin.display());
+    bin
+}
+
 /// A fixture file.
 pub fn fixture(name: &str) -> PathBuf {
     repo().join("tests/fixtures").join(name)

@@ -510,8 +510,7 @@ async fn ops_deadline_max_rows_and_load_shedding() {
     let e = fdb
         .get_filters(req)
         .await
-        .err()
-        .expect("above max_stream_rows");
+        .expect_err("above max_stream_rows");
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("max_stream_rows"), "{}", e.message());
 
@@ -523,8 +522,7 @@ async fn ops_deadline_max_rows_and_load_shedding() {
     let e = analytics
         .profile_checkpoint(req)
         .await
-        .err()
-        .expect("deadline");
+        .expect_err("deadline");
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
     assert!(t.elapsed() < Duration::from_secs(5));
     drop(_keep);
@@ -537,8 +535,7 @@ async fn ops_deadline_max_rows_and_load_shedding() {
     let e = fdb
         .list_models(pb::ListModelsRequest::default())
         .await
-        .err()
-        .expect("shed");
+        .expect_err("shed");
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(
         e.message().contains("max_concurrent_requests"),

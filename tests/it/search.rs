@@ -246,7 +246,7 @@ fn random_safetensors(seed: u32) -> (Vec<u8>, Vec<Vec<f32>>) {
         off += v.len() * 4;
     }
     let mut h = serde_json::Value::Object(header).to_string().into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = Vec::new();
@@ -782,7 +782,7 @@ async fn search_exact_equals_numpy() {
         .collect();
     let ids: Vec<u8> = db.iter().flat_map(|r| r.id.to_le_bytes()).collect();
     let queries = query_kernels(&db);
-    let qbytes: Vec<u8> = queries.iter().flat_map(|q| kernel_bytes(q)).collect();
+    let qbytes: Vec<u8> = queries.iter().flat_map(kernel_bytes).collect();
     std::fs::write(tmp.path().join("x.f32"), vals).unwrap();
     std::fs::write(tmp.path().join("ids.u64"), ids).unwrap();
     std::fs::write(tmp.path().join("q.f32"), qbytes).unwrap();
@@ -876,18 +876,7 @@ print(json.dumps(out))
 }
 
 fn cli() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("filterdb");
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo nextest run --workspace`",
-        bin.display()
-    );
-    bin
+    crate::harness::binary("filterdb")
 }
 
 /// `filterdb nearest` prints 3x3 grids and, with --json, the brute-force answer.
