@@ -16,7 +16,6 @@ use std::sync::Arc;
 
 use filterdb_proto as pb;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use std::time::Duration;
 
@@ -202,7 +201,9 @@ pub async fn serve(
         .add_service(snapshots)
         .add_service(flight)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        // TCP_NODELAY: small unary answers otherwise wait ~40 ms on Nagle + delayed ACK (measured
+        // in the analytics benchmark: Census p50 52 ms without, 4 ms with).
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown);
     let grace = config.shutdown_grace;
     let grace_over = async move {
         if stopping.wait_for(|s| *s).await.is_err() {
