@@ -71,31 +71,7 @@ impl ClientError {
     }
 }
 
-/// The canonical upper-case name of a gRPC code, e.g. `INVALID_ARGUMENT`.
-///
-/// tonic's `Display` for `Code` is a prose description; scripts and users grep for these names.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
-}
+pub use filterdb_proto::code_name;
 
 /// An error and its sources joined with `: `, because tonic's transport error alone only says
 /// "transport error" and the useful part ("Connection refused") is in the chain.
