@@ -170,16 +170,18 @@ impl Engine {
     /// PCA basis of the selection's scaled (or raw) filters, overall and per group.
     pub fn basis(&self, pred: &Pred, grouping: &Grouping, raw: bool) -> (Option<Basis>, Vec<(String, Basis)>) {
         let c = self.read_catalog();
-        let pick = |l: &CatalogLayer| if raw { l.stats.raw() } else { l.stats.scaled.clone() };
-        let groups = Self::fold_groups::<Option<Moments>>(&c, pred, grouping, |acc, _, l| match acc {
-            Some(m) => m.merge(&pick(l)),
-            None => *acc = Some(pick(l)),
-        });
+        // Merge in place (no per-layer copies): this fold is most of a Basis query's time.
+        let add = |acc: &mut Option<Moments>, l: &CatalogLayer| {
+            let m = acc.get_or_insert_with(Moments::default);
+            if raw {
+                m.merge_parts(l.stats.n, &l.stats.sum, &l.stats.sum_outer);
+            } else {
+                m.merge(&l.stats.scaled);
+            }
+        };
+        let groups = Self::fold_groups::<Option<Moments>>(&c, pred, grouping, |acc, _, l| add(acc, l));
         let mut all: Option<Moments> = None;
-        c.for_each_selected_arc(pred, |_, l| match &mut all {
-            Some(m) => m.merge(&pick(l)),
-            None => all = Some(pick(l)),
-        });
+        c.for_each_selected_arc(pred, |_, l| add(&mut all, l));
         let overall = all.and_then(|m| quality::basis_from_moments(&m).ok());
         let per = if matches!(grouping, Grouping::All) {
             Vec::new()
@@ -337,10 +339,18 @@ impl Engine {
     }
 
     /// Forgets histograms of deleted layers.
+    /// Forgets histograms and memoised quality of deleted layers.
     pub(crate) fn forget_histograms(&self, layer_ids: impl Iterator<Item = u64>) {
+        let ids: Vec<u64> = layer_ids.collect();
         if let Some(p) = self.write_basis().as_mut() {
-            for id in layer_ids {
-                p.hists.remove(&id);
+            for id in &ids {
+                p.hists.remove(id);
+            }
+        }
+        let mut memo = self.quality_memo.write().unwrap_or_else(|p| p.into_inner());
+        for m in memo.values_mut() {
+            for id in &ids {
+                m.remove(id);
             }
         }
     }
@@ -529,14 +539,41 @@ impl Engine {
                 out.push((m.clone(), l.clone()));
             }
         });
-        out.into_par_iter()
+        drop(c);
+        // A layer's statistics never change, so its quality for given options is computed once
+        // (the 9x9 eigendecompositions are most of the cost) and memoised until it is deleted.
+        let key = format!("{opts:?}");
+        let known: HashMap<u64, LayerQuality> = {
+            let memo = self.quality_memo.read().unwrap_or_else(|p| p.into_inner());
+            match memo.get(&key) {
+                Some(m) => out.iter().filter_map(|(_, l)| m.get(&l.record.layer_id).map(|q| (l.record.layer_id, q.clone()))).collect(),
+                None => HashMap::new(),
+            }
+        };
+        let rows: Vec<QualityRow> = out
+            .into_par_iter()
             .map(|(model, layer)| {
-                let quality = quality::layer_quality(&layer.stats, opts).map_err(|e| {
-                    EngineError::InvalidArgument(format!("layer {} of `{}`: {e}", layer.record.layer_index, model.name))
-                })?;
+                let quality = match known.get(&layer.record.layer_id) {
+                    Some(q) => q.clone(),
+                    None => quality::layer_quality(&layer.stats, opts).map_err(|e| {
+                        EngineError::InvalidArgument(format!("layer {} of `{}`: {e}", layer.record.layer_index, model.name))
+                    })?,
+                };
                 Ok(QualityRow { model, layer, quality })
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        if known.len() < rows.len() {
+            let mut memo = self.quality_memo.write().unwrap_or_else(|p| p.into_inner());
+            // Bounded: options are few in practice; a client cycling through many is not cached.
+            if memo.len() >= 16 && !memo.contains_key(&key) {
+                memo.clear();
+            }
+            let m = memo.entry(key).or_default();
+            for r in &rows {
+                m.entry(r.layer.record.layer_id).or_insert_with(|| r.quality.clone());
+            }
+        }
+        Ok(rows)
     }
 
     /// Models ranked by the share (or count) of degenerate layers.

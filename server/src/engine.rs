@@ -2,7 +2,7 @@
 //! Usable without gRPC; every method is blocking (callers on an async runtime use
 //! `spawn_blocking`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -176,6 +176,8 @@ pub struct Engine {
     vocab: Vocabularies,
     staging: PathBuf,
     basis: RwLock<Option<crate::analytics::PinnedState>>,
+    /// Memoised layer quality per options (see `Engine::layer_quality`).
+    pub(crate) quality_memo: RwLock<HashMap<String, HashMap<u64, crate::quality::LayerQuality>>>,
 }
 
 const MAX_NAME_LEN: usize = 256;
@@ -204,6 +206,7 @@ impl Engine {
             vocab: Vocabularies::builtin(),
             staging,
             basis: RwLock::new(basis),
+            quality_memo: RwLock::new(HashMap::new()),
         })
     }
 

@@ -75,13 +75,18 @@ impl Moments {
 
     /// Adds another set's moments (exact: sums are additive).
     pub fn merge(&mut self, o: &Moments) {
-        self.n += o.n;
+        self.merge_parts(o.n, &o.sum, &o.sum_outer);
+    }
+
+    /// Adds sums given as parts (e.g. a layer's raw sums) without building a `Moments`.
+    pub fn merge_parts(&mut self, n: u64, sum: &[f64], sum_outer: &[f64]) {
+        self.n += n;
         self.sum.resize(9, 0.0);
         self.sum_outer.resize(81, 0.0);
-        for (a, b) in self.sum.iter_mut().zip(&o.sum) {
+        for (a, b) in self.sum.iter_mut().zip(sum) {
             *a += b;
         }
-        for (a, b) in self.sum_outer.iter_mut().zip(&o.sum_outer) {
+        for (a, b) in self.sum_outer.iter_mut().zip(sum_outer) {
             *a += b;
         }
     }

@@ -333,6 +333,9 @@ async fn ranking_profile_and_compare_bases_are_consistent_with_layer_quality() {
     let server = setup(dir.path()).await;
     let mut a = analytics(&server).await;
     let rows = a.layer_quality(pb::LayerQualityRequest::default()).await.unwrap().into_inner().layers;
+    // The second call is answered from the per-layer memo: identical rows.
+    let again = a.layer_quality(pb::LayerQualityRequest::default()).await.unwrap().into_inner().layers;
+    assert_eq!(again, rows);
     let ranking = a.degeneration_ranking(pb::DegenerationRankingRequest::default()).await.unwrap().into_inner().models;
     assert_eq!(ranking.len(), 3);
     for m in &ranking {
