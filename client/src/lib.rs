@@ -129,7 +129,11 @@ impl Client {
                 url: url.clone(),
                 error,
             })?
-            .connect_timeout(Duration::from_secs(10));
+            .connect_timeout(Duration::from_secs(10))
+            // Large answers (filter batches, per-layer quality) would otherwise stall on the
+            // default 64 KiB HTTP/2 flow-control window.
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(16 << 20));
         if let Some(tls) = tls {
             endpoint = endpoint.tls_config(tls).map_err(|error| ClientError::InvalidUrl {
                 url: url.clone(),

@@ -1037,7 +1037,14 @@ async fn grpc_round(engine: &Arc<Engine>, nodelay: bool, runs: usize) -> anyhow:
     let channel = {
         let mut last = None;
         for _ in 0..100 {
-            match tonic::transport::Endpoint::from_shared(url.clone())?.connect().await {
+            // The same HTTP/2 windows the filterdb client library uses: the default 64 KiB
+            // window costs round trips on multi-MB answers (LayerQuality is 2.25 MB).
+            match tonic::transport::Endpoint::from_shared(url.clone())?
+                .initial_stream_window_size(Some(8 << 20))
+                .initial_connection_window_size(Some(16 << 20))
+                .connect()
+                .await
+            {
                 Ok(c) => {
                     last = Some(c);
                     break;

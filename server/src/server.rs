@@ -184,7 +184,10 @@ pub async fn serve(
         reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     };
     tracing::info!(%addr, tls = tls.is_some(), auth = !config.ops.tokens.is_empty(), "FilterDB listening");
-    let mut builder = tonic::transport::Server::builder();
+    // Uploads (Ingest chunks) stream faster with windows larger than HTTP/2's 64 KiB.
+    let mut builder = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
