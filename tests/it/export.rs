@@ -298,6 +298,8 @@ async fn snapshot_restore_round_trip_is_bit_identical() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("damaged"), "{e}");
+    // Nothing was stored: no database in the target.
+    assert!(!fresh.path().join("db").exists(), "a damaged snapshot left a database behind");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -183,6 +183,10 @@ async fn http_catalog_downloads_checks_sha256_retries_then_quarantines() {
     assert_eq!((r2.ingested, r2.skipped, r2.quarantined), (0, 2, 2), "{r2:?}");
     let m = job_map(&mut j).await;
     assert!(m["missing"].last_error.starts_with("gave up after 2 attempts"), "{}", m["missing"].last_error);
+    // Only the good checkpoint was stored: nothing from the bad or missing ones.
+    let mut c = pb::filter_db_client::FilterDbClient::connect(server.url.clone()).await.unwrap();
+    let models = c.list_models(pb::ListModelsRequest::default()).await.unwrap().into_inner().models;
+    assert_eq!(models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), vec!["good"]);
     let _ = http.kill();
     let _ = http.wait();
     let _ = server.shutdown.send(());
