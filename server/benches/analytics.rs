@@ -28,6 +28,8 @@
 //! `FILTERDB_BENCH_OUT` (markdown report), `FILTERDB_BENCH_PYTHON` (default the project venv),
 //! `FILTERDB_BENCH_KEEP=1` (keep the data), `FILTERDB_BENCH_SKIP_DUCKDB=1`.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -578,19 +580,6 @@ fn timing(mut ds: Vec<Duration>) -> Timing {
     Timing { p50: ms(rank(0.5)), p95: ms(rank(0.95)) }
 }
 
-fn dir_size(p: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(rd) = std::fs::read_dir(p) {
-        for e in rd.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => total += dir_size(&e.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
-            }
-        }
-    }
-    total
-}
 
 fn env_f64(name: &str) -> Option<f64> {
     std::env::var(name).ok().and_then(|v| v.trim().replace('_', "").parse::<f64>().ok())
@@ -810,7 +799,7 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, work: &Path, t_al
     let t_pin = t.elapsed();
     eprintln!("pinned basis v{} in {t_pin:.1?} (range {:.4} .. {:.4})", basis.version, basis.range_min, basis.range_max);
     engine.store().flush()?;
-    let db_bytes = dir_size(&work.join("db"));
+    let db_bytes = common::dir_bytes(&work.join("db"));
     let parquet_bytes = std::fs::metadata(&parquet_path)?.len();
     let (stats_max, stats_layer, layers_seen) = engine.with_catalog(|c| {
         let mut best = (0usize, 0u64, 0usize);

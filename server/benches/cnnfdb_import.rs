@@ -17,6 +17,8 @@
 //! database go (default: the system temp dir); `FILTERDB_BENCH_OUT` receives a JSON summary;
 //! `FILTERDB_BENCH_KEEP=1` keeps the files.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -124,16 +126,6 @@ fn write_release(h5: &Path, meta: &Path, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn vm_hwm_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
 
 fn time_cat(file: &Path) -> anyhow::Result<f64> {
     let t = Instant::now();
@@ -161,7 +153,7 @@ fn child(h5: &Path, meta: &Path, db: &Path) -> anyhow::Result<()> {
         "RESULT {secs} {flushed} {} {} {}",
         p.filters_done,
         p.models_created,
-        vm_hwm_kib()
+        common::status_kb("VmHWM:").unwrap_or(0)
     );
     Ok(())
 }
@@ -238,7 +230,7 @@ fn main() -> anyhow::Result<()> {
         .to_string();
     let cat2 = time_cat(&h5)?;
     let cat = (cat1 + cat2) / 2.0;
-    let db_bytes: u64 = walk_size(&db);
+    let db_bytes: u64 = common::dir_bytes(&db);
 
     let fps = n as f64 / secs;
     let cat_fps = n as f64 / cat;
@@ -283,16 +275,3 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn walk_size(p: &Path) -> u64 {
-    std::fs::read_dir(p)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => walk_size(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}

@@ -20,6 +20,8 @@
 //! when set. `FILTERDB_BENCH_DIR` chooses where the files and databases go (default: the system
 //! temp dir, which should be on the disk you care about: `cp` and RocksDB both write there).
 
+mod common;
+use common::{XorShift, status_kb};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -43,30 +45,6 @@ const MB: f64 = 1e6;
 // Deterministic weights
 // ---------------------------------------------------------------------------------------------
 
-struct XorShift(u64);
-
-impl XorShift {
-    fn new(seed: u64) -> Self {
-        XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    /// Approximately standard normal (Irwin-Hall of 4, rescaled).
-    fn normal(&mut self) -> f32 {
-        let s = self.unit() + self.unit() + self.unit() + self.unit();
-        (s - 2.0) * 3.0f32.sqrt()
-    }
-}
 
 #[derive(Clone, Copy)]
 enum Init {
@@ -356,13 +334,6 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-fn status_kb(field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
 
 fn warm_page_cache(path: &Path) -> std::io::Result<()> {
     let mut f = std::fs::File::open(path)?;

@@ -24,9 +24,11 @@
 //! `FILTERDB_BENCH_OUT` (write the markdown report there too), `FILTERDB_BENCH_KEEP=1` (keep the
 //! data), `FILTERDB_BENCH_PIN=0` (no pinned basis).
 
+mod common;
+use common::{XorShift, dir_bytes, status_kb};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
@@ -70,29 +72,6 @@ const TASKS: [(&str, f64); 8] = [
 const CATEGORIES: [&str; 4] = ["natural", "medical xray", "faces", "handwriting"];
 const EXPORT_TASK: &str = "Segmentation";
 
-struct XorShift(u64);
-
-impl XorShift {
-    fn new(seed: u64) -> Self {
-        XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    /// Approximately standard normal (Irwin-Hall of 4, rescaled).
-    fn normal(&mut self) -> f32 {
-        let s = self.unit() + self.unit() + self.unit() + self.unit();
-        (s - 2.0) * 3.0f32.sqrt()
-    }
-}
 
 /// A planned model: width and labels.
 struct PlannedModel {
@@ -189,29 +168,7 @@ fn gen_model(mi: usize, m: &PlannedModel) -> ExtractedModel {
     }
 }
 
-fn status_kb(field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
 
-fn dir_bytes(p: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(p) else {
-        return std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    };
-    rd.flatten()
-        .map(|e| {
-            let path = e.path();
-            if path.is_dir() {
-                dir_bytes(&path)
-            } else {
-                e.metadata().map(|m| m.len()).unwrap_or(0)
-            }
-        })
-        .sum()
-}
 
 fn child(task: Value) -> Value {
     let exe = std::env::current_exe().expect("current exe");
