@@ -3,9 +3,10 @@
 use rocksdb::{DB, WriteBatch};
 
 mod m0001_initial;
+mod m0002_search_index;
 
 /// Schema version this build reads and writes.
-pub const CURRENT_VERSION: u32 = 1;
+pub const CURRENT_VERSION: u32 = 2;
 
 /// One upgrade step from `to - 1` to `to`.
 pub struct Step {
@@ -18,4 +19,7 @@ pub struct Step {
 }
 
 /// All steps in order.
-pub const STEPS: &[Step] = &[Step { to: 1, name: "initial layout", apply: m0001_initial::apply }];
+pub const STEPS: &[Step] = &[
+    Step { to: 1, name: "initial layout", apply: m0001_initial::apply },
+    Step { to: 2, name: "approximate search index", apply: m0002_search_index::apply },
+];

@@ -178,6 +178,8 @@ pub struct Engine {
     basis: RwLock<Option<crate::analytics::PinnedState>>,
     /// Memoised layer quality per options (see `Engine::layer_quality`).
     pub(crate) quality_memo: RwLock<HashMap<String, HashMap<u64, crate::quality::LayerQuality>>>,
+    /// The approximate search index (`search_index.rs`).
+    pub(crate) search_index: crate::search_index::SearchIndexState,
 }
 
 const MAX_NAME_LEN: usize = 256;
@@ -193,6 +195,7 @@ impl Engine {
             record: Arc::new(record),
             hists: hists.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
         });
+        let search_index = crate::search_index::SearchIndexState::load(&store);
         let staging = data_dir.join("staging");
         // Staged uploads of a previous run were never acknowledged: drop them.
         let _ = std::fs::remove_dir_all(&staging);
@@ -207,6 +210,7 @@ impl Engine {
             staging,
             basis: RwLock::new(basis),
             quality_memo: RwLock::new(HashMap::new()),
+            search_index,
         })
     }
 
@@ -345,6 +349,9 @@ impl Engine {
                 s
             })
             .collect();
+        // Codes for the search index (when one exists), computed before the write lock.
+        let layer_values: Vec<&[f32]> = extracted.layers.iter().map(|l| l.filters.as_slice()).collect();
+        let segment = self.encode_for_ingest(&layer_values);
         progress(Phase::Writing, 0, n_layers);
 
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -416,13 +423,21 @@ impl Engine {
             Some((v, hs)) => hs.iter().map(|(id, h)| (*v, *id, h.clone())).collect(),
             None => Vec::new(),
         };
+        // Encoded in the version still current (a rebuild switches under this lock), or not
+        // written at all: the builder then indexes the model.
+        let segment = segment
+            .filter(|s| self.current_index_version() == Some(s.version))
+            .map(|s| crate::search_index::rebase(s, model_id, next.filter));
+        let segment_bytes = segment.as_ref().map(|s| (s.version, s.encode()));
         self.store.commit_model(
             &model,
             &rows,
             next_ids,
             replaces.as_ref().map(|(m, l)| (m.as_ref(), l.as_slice())),
             &hist_rows,
+            segment_bytes.as_ref().map(|(v, b)| (*v, b.as_slice())),
         )?;
+        self.index_after_commit(segment.as_ref(), replaces.as_ref().map(|(m, _)| (m.model_id, m.n_filters)));
         if let Some((v, hs)) = hists {
             self.remember_histograms(v, hs);
         }
@@ -672,6 +687,7 @@ impl Engine {
         };
         self.store.delete_model(&m, &layers)?;
         self.write_catalog().remove(m.model_id);
+        self.index_after_delete(m.model_id, m.n_filters);
         self.forget_histograms(layers.iter().map(|l| l.layer_id));
         tracing::info!(model = %m.name, id = m.model_id, "deleted");
         Ok(m)

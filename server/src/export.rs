@@ -1545,7 +1545,7 @@ fn restore_into(
                 .collect(),
             None => Vec::new(),
         };
-        store.commit_model(model, &rows, m.next_ids, None, &hists)?;
+        store.commit_model(model, &rows, m.next_ids, None, &hists, None)?;
         committed.insert(model_id);
         Ok(())
     };

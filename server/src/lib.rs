@@ -6,6 +6,7 @@
 //! formulas, predicates and label vocabularies every layer shares.
 
 pub mod analytics;
+pub mod ann;
 pub mod api;
 pub mod catalog;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod export;
 pub mod quality;
 pub mod readers;
 pub mod search;
+pub mod search_index;
 pub mod selection;
 pub mod server;
 pub mod stats;

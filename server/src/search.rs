@@ -92,11 +92,39 @@ impl Default for FilterConditions {
     }
 }
 
-/// Which algorithm answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which algorithm answers (asked for, or used).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
-    /// A full scan of the candidates.
+    /// A full scan of the candidates (recall 1.0).
+    #[default]
     Exact,
+    /// The approximate index with exact re-ranking.
+    Approximate,
+}
+
+/// Selections of at most this many filters are scanned exactly even in approximate mode.
+pub const DEFAULT_EXACT_BELOW: u64 = 16_384;
+
+/// How a query was answered (reported in the response).
+struct Plan {
+    mode: Mode,
+    reason: String,
+    nprobe: u32,
+    reranked: u64,
+    index_version: Option<u32>,
+    codes: u64,
+}
+
+impl Plan {
+    fn exact(reason: &str) -> Plan {
+        Plan { mode: Mode::Exact, reason: reason.into(), nprobe: 0, reranked: 0, index_version: None, codes: 0 }
+    }
+}
+
+/// The approximate path's outcome.
+enum Approximate {
+    Answered { plan: Plan, candidates: Vec<Candidate>, unindexed: Vec<usize> },
+    Declined(String),
 }
 
 /// One nearest-neighbour query.
@@ -116,6 +144,15 @@ pub struct NearestQuery {
     pub conditions: FilterConditions,
     /// Leave the query filter out (filter-id queries).
     pub exclude_query_filter: bool,
+    /// Mode asked for.
+    pub mode: Mode,
+    /// Approximate: cells probed for a search over everything (0: the default); scaled up by
+    /// 1/selectivity.
+    pub nprobe: usize,
+    /// Approximate: candidates re-ranked exactly = k · rerank (0: the default).
+    pub rerank: usize,
+    /// Approximate: selections of at most this many filters are scanned exactly.
+    pub exact_below: u64,
 }
 
 /// One neighbour with its owners.
@@ -156,6 +193,14 @@ pub struct NearestAnswer {
     pub neighbors: Vec<Neighbor>,
     /// Algorithm used.
     pub mode: Mode,
+    /// Why this mode answered, and with which parameters.
+    pub mode_reason: String,
+    /// Approximate: cells probed (after the selectivity scaling).
+    pub nprobe: u32,
+    /// Approximate: candidates re-ranked exactly.
+    pub candidates_reranked: u64,
+    /// Approximate: the index (quantizer) version used.
+    pub index_version: Option<u32>,
     /// Space used.
     pub space: Space,
     /// k used.
@@ -168,7 +213,7 @@ pub struct NearestAnswer {
     pub query_kernel: [f32; 9],
     /// Selected layers.
     pub layers_scanned: u64,
-    /// Filters read.
+    /// Filters compared: read by the exact scan, plus codes compared by the index.
     pub filters_scanned: u64,
     /// Wall time of the search.
     pub elapsed: std::time::Duration,
@@ -549,32 +594,27 @@ impl Engine {
                 _ => None,
             },
         };
-        let mut items: Vec<(usize, u64, u64)> = Vec::new();
-        for (slot, (_, l)) in layers.iter().enumerate() {
-            let mut s = 0;
-            while s < l.record.n_filters {
-                let e = (s + SCAN_CHUNK).min(l.record.n_filters);
-                items.push((slot, s, e));
-                s = e;
+        let selected: u64 = layers.iter().map(|(_, l)| l.record.n_filters).sum();
+
+        // The approximate path, when asked for and when it applies; otherwise (and for layers
+        // the index does not cover yet) the exact scan.
+        let mut plan = Plan::exact("exact mode requested");
+        let mut exact_slots: Vec<usize> = (0..layers.len()).collect();
+        let mut candidates: Vec<Candidate> = Vec::new();
+        if q.mode == Mode::Approximate {
+            plan = Plan::exact("");
+            match self.approximate(q, &metric, &layers, selected, &query_kernel, &spec, &snapshot)? {
+                Approximate::Answered { plan: p, candidates: c, unindexed } => {
+                    plan = p;
+                    candidates = c;
+                    exact_slots = unindexed;
+                }
+                Approximate::Declined(reason) => plan.reason = reason,
             }
         }
-        let parts: Vec<TopK> = items
-            .par_iter()
-            .map(|&(slot, s, e)| -> Result<TopK> {
-                let layer = &layers[slot].1;
-                let mut top = TopK::new(q.k);
-                match self.store.read_layer_filters(Some(&snapshot), &layer.record, s, e) {
-                    Ok(vals) => spec.scan(slot, layer, s, &vals, &mut top),
-                    Err(err) if self.layer_deleted(layer.record.layer_id) => {
-                        tracing::debug!(layer = layer.record.layer_id, %err, "layer deleted during a search; skipped");
-                    }
-                    Err(err) => return Err(err.into()),
-                }
-                Ok(top)
-            })
-            .collect::<Result<_>>()?;
+        let parts = self.scan_exact(&layers, &exact_slots, &spec, q.k, &snapshot)?;
         drop(snapshot);
-        let mut all: Vec<Candidate> = parts.into_iter().flat_map(|t| t.heap.into_vec()).collect();
+        let mut all: Vec<Candidate> = parts.into_iter().flat_map(|t| t.heap.into_vec()).chain(candidates).collect();
         all.sort_unstable();
         all.truncate(q.k);
         let neighbors = all
@@ -592,17 +632,175 @@ impl Engine {
                 }
             })
             .collect();
+        let exact_filters: u64 = exact_slots.iter().map(|&s| layers[s].1.record.n_filters).sum();
         Ok(NearestAnswer {
             neighbors,
-            mode: Mode::Exact,
+            mode: plan.mode,
+            mode_reason: plan.reason,
+            nprobe: plan.nprobe,
+            candidates_reranked: plan.reranked,
+            index_version: plan.index_version,
             space: q.space,
             k: q.k,
             sign_invariant: q.sign_invariant,
             basis_version,
             query_kernel,
             layers_scanned: layers.len() as u64,
-            filters_scanned: layers.iter().map(|(_, l)| l.record.n_filters).sum(),
+            filters_scanned: exact_filters + plan.codes,
             elapsed: started.elapsed(),
+        })
+    }
+
+    /// The exact scan of the layers in `slots`: per work item of up to [`SCAN_CHUNK`]
+    /// filters, a bounded heap.
+    fn scan_exact(
+        &self,
+        layers: &[(Arc<ModelRecord>, Arc<CatalogLayer>)],
+        slots: &[usize],
+        spec: &ScanSpec<'_>,
+        k: usize,
+        snapshot: &rocksdb::Snapshot<'_>,
+    ) -> Result<Vec<TopK>> {
+        let mut items: Vec<(usize, u64, u64)> = Vec::new();
+        for &slot in slots {
+            let l = &layers[slot].1;
+            let mut s = 0;
+            while s < l.record.n_filters {
+                let e = (s + SCAN_CHUNK).min(l.record.n_filters);
+                items.push((slot, s, e));
+                s = e;
+            }
+        }
+        items
+            .par_iter()
+            .map(|&(slot, s, e)| -> Result<TopK> {
+                let layer = &layers[slot].1;
+                let mut top = TopK::new(k);
+                match self.store.read_layer_filters(Some(snapshot), &layer.record, s, e) {
+                    Ok(vals) => spec.scan(slot, layer, s, &vals, &mut top),
+                    Err(err) if self.layer_deleted(layer.record.layer_id) => {
+                        tracing::debug!(layer = layer.record.layer_id, %err, "layer deleted during a search; skipped");
+                    }
+                    Err(err) => return Err(err.into()),
+                }
+                Ok(top)
+            })
+            .collect()
+    }
+
+    /// The approximate path: candidates from the index among the selected, indexed layers,
+    /// re-ranked exactly from the stored values. Declines (with the reason the response
+    /// reports) when it does not apply.
+    #[allow(clippy::too_many_arguments)]
+    fn approximate(
+        &self,
+        q: &NearestQuery,
+        metric: &Metric,
+        layers: &[(Arc<ModelRecord>, Arc<CatalogLayer>)],
+        selected: u64,
+        query_kernel: &[f32; 9],
+        spec: &ScanSpec<'_>,
+        snapshot: &rocksdb::Snapshot<'_>,
+    ) -> Result<Approximate> {
+        if !matches!(metric, Metric::Raw) {
+            return Ok(Approximate::Declined(
+                "the approximate index covers the raw space; other spaces are answered by the exact scan".into(),
+            ));
+        }
+        if selected <= q.exact_below {
+            return Ok(Approximate::Declined(format!(
+                "the selection holds {selected} filters (at most {}): scanned exactly",
+                q.exact_below
+            )));
+        }
+        let guard = self.search_index.index.read().unwrap_or_else(|p| p.into_inner());
+        let Some(ix) = guard.as_ref() else {
+            return Ok(Approximate::Declined("no search index is built yet (see `filterdb search-index`)".into()));
+        };
+        // Indexed layers become sorted, merged filter-id ranges; the others are scanned exactly.
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut unindexed = Vec::new();
+        let mut indexed_filters = 0u64;
+        let mut order: Vec<usize> = (0..layers.len()).collect();
+        order.sort_unstable_by_key(|&s| layers[s].1.record.first_filter_id);
+        for &s in &order {
+            let (m, l) = &layers[s];
+            if l.record.n_filters == 0 {
+                continue;
+            }
+            if !ix.has_model(m.model_id) {
+                unindexed.push(s);
+                continue;
+            }
+            let (a, b) = (l.record.first_filter_id, l.record.first_filter_id + l.record.n_filters);
+            indexed_filters += l.record.n_filters;
+            match ranges.last_mut() {
+                Some(last) if last.1 == a => last.1 = b,
+                _ => ranges.push((a, b)),
+            }
+        }
+        let nlist = ix.quantizer.nlist();
+        let base = if q.nprobe == 0 { crate::ann::DEFAULT_NPROBE } else { q.nprobe };
+        // A narrow selection meets fewer of its filters per cell: widen the probe so that the
+        // expected number of selected candidates stays that of a full search.
+        let scaled = (base as f64 * ix.live_entries().max(1) as f64 / indexed_filters.max(1) as f64).ceil();
+        let nprobe = (scaled.min(nlist as f64) as usize).clamp(base.min(nlist), nlist);
+        let rerank = if q.rerank == 0 { crate::ann::DEFAULT_RERANK } else { q.rerank };
+        let want = q.k.saturating_mul(rerank).max(q.k) + usize::from(spec.skip_id.is_some());
+        let mut qs = vec![*query_kernel];
+        if q.sign_invariant {
+            qs.push(query_kernel.map(|v| -v));
+        }
+        let (cands, stats) = ix.candidates(&qs, nprobe, &ranges, want);
+        let version = ix.quantizer.version;
+        drop(guard);
+
+        // Exact re-ranking: the stored values, grouped by layer (each block read once).
+        let mut by_first: Vec<(u64, usize)> = order.iter().map(|&s| (layers[s].1.record.first_filter_id, s)).collect();
+        by_first.dedup_by_key(|x| x.0);
+        let mut per_slot: std::collections::BTreeMap<usize, Vec<u64>> = Default::default();
+        for c in &cands {
+            let i = by_first.partition_point(|x| x.0 <= c.id);
+            if let Some(&(_, slot)) = i.checked_sub(1).and_then(|i| by_first.get(i)) {
+                let l = &layers[slot].1.record;
+                if c.id < l.first_filter_id + l.n_filters {
+                    per_slot.entry(slot).or_default().push(c.id - l.first_filter_id);
+                }
+            }
+        }
+        let reranked = cands.len() as u64;
+        let mut top = TopK::new(q.k);
+        for (slot, mut idx) in per_slot {
+            idx.sort_unstable();
+            let layer = &layers[slot].1;
+            let vals = match self.store.read_filters_at(Some(snapshot), &layer.record, &idx) {
+                Ok(v) => v,
+                Err(err) if self.layer_deleted(layer.record.layer_id) => {
+                    tracing::debug!(layer = layer.record.layer_id, %err, "layer deleted during a search; skipped");
+                    continue;
+                }
+                Err(err) => return Err(err.into()),
+            };
+            let flat: Vec<f32> = vals.iter().flatten().copied().collect();
+            // One filter at a time through the scan's own per-filter path (bit-identical).
+            for (i, f) in idx.iter().zip(flat.chunks_exact(9)) {
+                spec.scan(slot, layer, *i, f, &mut top);
+            }
+        }
+        Ok(Approximate::Answered {
+            plan: Plan {
+                mode: Mode::Approximate,
+                reason: format!(
+                    "approximate: {} of {nlist} cells probed, {reranked} candidates re-ranked exactly",
+                    stats.cells
+                ),
+                nprobe: nprobe as u32,
+                reranked,
+                index_version: Some(version),
+                codes: stats.codes,
+            },
+            candidates: top.heap.into_vec(),
+            unindexed,
         })
     }
 

@@ -119,6 +119,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
     let tls = tls_config(&config.tls)?;
+    crate::search_index::start(&engine);
     if let Some(m) = config.metrics_listen {
         crate::ops::install_metrics(m)?;
         crate::ops::spawn_rocksdb_metrics(engine.clone(), Duration::from_secs(10));
@@ -221,6 +222,7 @@ pub async fn serve(
         }
     }
     let e = engine.clone();
+    e.stop_search_index();
     tokio::task::spawn_blocking(move || e.store().flush()).await??;
     tracing::info!("database flushed; bye");
     Ok(())

@@ -14,4 +14,5 @@ mod jobs;
 mod ops;
 mod python;
 mod search;
+mod search_approx;
 mod service;

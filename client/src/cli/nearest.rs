@@ -102,9 +102,19 @@ pub struct NearestArgs {
     /// With --filter-id: leave the query filter out of the answer.
     #[arg(long)]
     pub exclude_self: bool,
-    /// Require the exact mode (a full scan; recall 1.0).
-    #[arg(long)]
+    /// Require the exact mode (a full scan; recall 1.0). This is the default.
+    #[arg(long, conflicts_with = "approx")]
     pub exact: bool,
+    /// Use the approximate index (raw space): exact distances, recall below 1.0.
+    #[arg(long)]
+    pub approx: bool,
+    /// With --approx: cells probed for a search over everything (the recall knob; server
+    /// default 16, scaled up for narrow selections).
+    #[arg(long, value_name = "N", requires = "approx")]
+    pub nprobe: Option<u32>,
+    /// With --approx: re-rank k x R candidates exactly (server default 4).
+    #[arg(long, value_name = "R", requires = "approx")]
+    pub rerank: Option<u32>,
 }
 
 /// A Search stub on the CLI's connection (token and TLS included).
@@ -165,11 +175,13 @@ pub fn request(a: &NearestArgs) -> Result<NearestRequest, ClientError> {
             sparse_non_strict: false,
         }),
         exclude_query_filter: a.exclude_self,
-        mode: if a.exact {
-            SearchMode::Exact
+        mode: if a.approx {
+            SearchMode::Approximate
         } else {
-            SearchMode::Unspecified
+            SearchMode::Exact
         } as i32,
+        nprobe: a.nprobe.unwrap_or(0),
+        rerank: a.rerank.unwrap_or(0),
     })
 }
 
@@ -177,6 +189,10 @@ pub fn request(a: &NearestArgs) -> Result<NearestRequest, ClientError> {
 pub fn response_to_json(r: &NearestResponse) -> Value {
     json!({
         "mode": mode_name(r.mode),
+        "mode_reason": r.mode_reason,
+        "nprobe": r.nprobe,
+        "candidates_reranked": r.candidates_reranked,
+        "index_version": r.index_version,
         "space": space_name(r.space),
         "k": r.k,
         "components": r.components,
@@ -249,6 +265,9 @@ fn render(r: &NearestResponse, a: &NearestArgs) -> String {
         r.layers_scanned,
         r.elapsed_us as f64 / 1000.0
     ));
+    if !r.mode_reason.is_empty() {
+        out.push_str(&format!("mode: {}\n", r.mode_reason));
+    }
     out.push_str(&kernel_grid(&decode(&r.query_kernel)));
     if r.neighbors.is_empty() {
         out.push_str("no filter matches the selection\n");

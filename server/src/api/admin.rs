@@ -85,6 +85,48 @@ pub fn checkpoint(engine: &Engine, out: &Path) -> Result<(u64, u64), Status> {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
+    type RebuildSearchIndexStream = super::BoxStream<pb::RebuildSearchIndexProgress>;
+
+    async fn rebuild_search_index(
+        &self,
+        request: Request<pb::RebuildSearchIndexRequest>,
+    ) -> Result<Response<Self::RebuildSearchIndexStream>, Status> {
+        crate::ops::require(request.extensions(), crate::config::Role::Admin, "RebuildSearchIndex")?;
+        let retrain = request.into_inner().retrain;
+        let engine = self.engine.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            let _enter = span.enter();
+            let last = std::sync::Mutex::new(std::time::Instant::now());
+            let progress = |phase: &str, done: u64, total: u64| {
+                let mut l = last.lock().unwrap_or_else(|p| p.into_inner());
+                // Phase changes always; within a phase at most 4 messages a second.
+                if l.elapsed() >= std::time::Duration::from_millis(250) || done == 0 || done == total {
+                    *l = std::time::Instant::now();
+                    let _ = tx.try_send(Ok(pb::RebuildSearchIndexProgress {
+                        phase: phase.into(),
+                        done,
+                        total,
+                        status: None,
+                    }));
+                }
+            };
+            let out = engine.build_search_index_with("requested (Admin.RebuildSearchIndex)", retrain, &progress);
+            let msg = match out {
+                Ok(s) => Ok(pb::RebuildSearchIndexProgress {
+                    phase: "done".into(),
+                    done: s.build.total,
+                    total: s.build.total,
+                    status: Some(super::search::index_status(&s)),
+                }),
+                Err(e) => Err(super::convert::status(e)),
+            };
+            let _ = tx.blocking_send(msg);
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
     async fn checkpoint(
         &self,
         request: Request<pb::CheckpointRequest>,

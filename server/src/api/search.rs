@@ -11,7 +11,7 @@ use super::convert::{model_out, selection, status};
 use super::{BoxStream, blocking};
 use crate::engine::Engine;
 use crate::search::{
-    DEFAULT_K, DEFAULT_MAX_K, FilterConditions, Mode, NearestAnswer, NearestQuery, Query, Space,
+    DEFAULT_EXACT_BELOW, DEFAULT_K, DEFAULT_MAX_K, FilterConditions, Mode, NearestAnswer, NearestQuery, Query, Space,
 };
 
 /// The Search service.
@@ -88,11 +88,20 @@ impl SearchService {
                 "components: only meaningful with SEARCH_SPACE_BASIS",
             ));
         }
-        if pb::SearchMode::try_from(r.mode).is_err() {
-            return Err(Status::invalid_argument(format!(
-                "mode: unknown value {}",
-                r.mode
-            )));
+        let mode = match pb::SearchMode::try_from(r.mode) {
+            Ok(pb::SearchMode::Approximate) => Mode::Approximate,
+            Ok(pb::SearchMode::Unspecified | pb::SearchMode::Exact) => Mode::Exact,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "mode: unknown value {}",
+                    r.mode
+                )));
+            }
+        };
+        if mode == Mode::Exact && (r.nprobe != 0 || r.rerank != 0) {
+            return Err(Status::invalid_argument(
+                "nprobe and rerank: only meaningful with SEARCH_MODE_APPROXIMATE",
+            ));
         }
         let mut conditions = FilterConditions::default();
         if let Some(c) = &r.conditions {
@@ -111,6 +120,10 @@ impl SearchService {
             selection: selection(self.engine.vocabularies(), r.selection.as_ref())?,
             conditions,
             exclude_query_filter: r.exclude_query_filter,
+            mode,
+            nprobe: r.nprobe as usize,
+            rerank: r.rerank as usize,
+            exact_below: DEFAULT_EXACT_BELOW,
         })
     }
 
@@ -163,7 +176,12 @@ fn response(a: &NearestAnswer, index: u64) -> pb::NearestResponse {
         models: models.into_iter().map(model_out).collect(),
         mode: match a.mode {
             Mode::Exact => pb::SearchMode::Exact,
+            Mode::Approximate => pb::SearchMode::Approximate,
         } as i32,
+        mode_reason: a.mode_reason.clone(),
+        nprobe: a.nprobe,
+        candidates_reranked: a.candidates_reranked,
+        index_version: a.index_version.unwrap_or(0),
         space: match a.space {
             Space::Raw => pb::SearchSpace::Raw,
             Space::Scaled => pb::SearchSpace::Scaled,
@@ -229,5 +247,39 @@ impl pb::search_server::Search for SearchService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn search_index_status(
+        &self,
+        _request: Request<pb::SearchIndexStatusRequest>,
+    ) -> Result<Response<pb::SearchIndexStatusResponse>, Status> {
+        let engine = self.engine.clone();
+        let s = blocking(move || Ok(engine.search_index_status())).await?;
+        Ok(Response::new(index_status(&s)))
+    }
+}
+
+/// The proto form of the index status.
+pub fn index_status(s: &crate::search_index::IndexStatus) -> pb::SearchIndexStatusResponse {
+    pb::SearchIndexStatusResponse {
+        version: s.version.unwrap_or(0),
+        nlist: s.nlist as u32,
+        entries: s.entries,
+        dead_entries: s.dead,
+        models: s.models as u64,
+        unindexed_models: s.unindexed_models as u64,
+        trained_on: s.trained_on,
+        bytes: s.bytes,
+        bytes_per_filter: if s.entries > 0 { s.bytes as f64 / s.entries as f64 } else { 0.0 },
+        build: Some(pb::SearchIndexBuild {
+            running: s.build.running,
+            phase: s.build.phase.clone(),
+            done: s.build.done,
+            total: s.build.total,
+            version: s.build.version,
+            reason: s.build.reason.clone(),
+            error: s.build.error.clone().unwrap_or_default(),
+            seconds: s.build.seconds,
+        }),
     }
 }

@@ -1,6 +1,6 @@
 //! The storage layout: column families and key encodings, in one place.
 //!
-//! Schema version 1 (see `migrations/`). All integers in keys are big-endian so that RocksDB's
+//! Schema version 2 (see `migrations/`). All integers in keys are big-endian so that RocksDB's
 //! byte order is numeric order; values are JSON records (`records.rs`) except filter blocks.
 //!
 //! | column family    | key                                   | value                               |
@@ -19,6 +19,9 @@
 //! | `bases`          | basis version (u32)                   | JSON `BasisRecord` (pinned reference bases) |
 //! | `layer_histograms` | basis version (u32), layer_id       | JSON `LayerHistogram` (9 × bins counts) |
 //! | `jobs`           | source name, 0x00, item               | JSON `JobRecord` (scheduled ingestion) |
+//! | `search_index`   | `cur`                                 | u32 LE: quantizer version answers use |
+//! |                  | `q`, version (u32)                    | quantizer (binary, `ann::Quantizer`) |
+//! |                  | `s`, version (u32), model_id          | the model's codes (binary, `ann::Segment`) |
 //!
 //! A layer's filters are stored contiguously in blocks of [`BLOCK_FILTERS`]; filter `k` of the
 //! layer is in block `k / BLOCK_FILTERS` at offset `(k % BLOCK_FILTERS) * 36` bytes.
@@ -50,7 +53,10 @@ pub const CF_LAYER_HISTOGRAMS: &str = "layer_histograms";
 /// Scheduled-ingestion job state.
 pub const CF_JOBS: &str = "jobs";
 
-/// All column families of schema version 1.
+/// Approximate search index (schema version 2).
+pub const CF_SEARCH_INDEX: &str = "search_index";
+
+/// All column families (schema version 2).
 pub const ALL_CFS: &[&str] = &[
     CF_META,
     CF_MODELS,
@@ -64,7 +70,26 @@ pub const ALL_CFS: &[&str] = &[
     CF_BASES,
     CF_LAYER_HISTOGRAMS,
     CF_JOBS,
+    CF_SEARCH_INDEX,
 ];
+
+/// `search_index` key of the current quantizer version.
+pub const SEARCH_CURRENT_KEY: &[u8] = b"cur";
+
+/// `search_index` key of a quantizer.
+pub fn quantizer_key(version: u32) -> [u8; 5] {
+    let mut k = [b'q'; 5];
+    k[1..].copy_from_slice(&version.to_be_bytes());
+    k
+}
+
+/// `search_index` key of a model's segment.
+pub fn segment_key(version: u32, model_id: u64) -> [u8; 13] {
+    let mut k = [b's'; 13];
+    k[1..5].copy_from_slice(&version.to_be_bytes());
+    k[5..].copy_from_slice(&model_id.to_be_bytes());
+    k
+}
 
 /// Key of a job record.
 pub fn job_key(source: &str, item: &str) -> Vec<u8> {

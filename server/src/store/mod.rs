@@ -216,6 +216,7 @@ impl Store {
         next_ids: NextIds,
         replaces: Option<(&ModelRecord, &[LayerRecord])>,
         histograms: &[(u32, u64, LayerHistogram)],
+        segment: Option<(u32, &[u8])>,
     ) -> Result<()> {
         const AHEAD_BYTES: usize = 64 << 20;
         let blocks_cf = self.cf(CF_FILTER_BLOCKS)?;
@@ -270,6 +271,9 @@ impl Store {
         for (version, layer_id, h) in histograms {
             batch.put_cf(self.cf(CF_LAYER_HISTOGRAMS)?, histogram_key(*version, *layer_id), encode(h));
         }
+        if let Some((version, bytes)) = segment {
+            batch.put_cf(self.cf(CF_SEARCH_INDEX)?, segment_key(version, model.model_id), bytes);
+        }
         batch.put_cf(self.cf(CF_META)?, NEXT_IDS_KEY, encode(&next_ids));
         if ahead {
             batch.delete_cf(self.cf(CF_META)?, &pending);
@@ -301,7 +305,143 @@ impl Store {
                 histogram_key(version, end),
             );
         }
+        for version in self.quantizer_versions()? {
+            batch.delete_cf(self.cf(CF_SEARCH_INDEX)?, segment_key(version, model.model_id));
+        }
         Ok(())
+    }
+
+    /// Versions of every stored quantizer (the current one, and one being built).
+    pub fn quantizer_versions(&self) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        let cf = self.cf(CF_SEARCH_INDEX)?;
+        for item in self.db.iterator_cf(cf, IteratorMode::From(b"q", Direction::Forward)) {
+            let (k, _) = item?;
+            if k.first() != Some(&b'q') {
+                break;
+            }
+            if let Some(v) = k.get(1..5).and_then(|b| b.try_into().ok()) {
+                out.push(u32::from_be_bytes(v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The current search-index version, if an index was ever built.
+    pub fn search_index_version(&self) -> Result<Option<u32>> {
+        match self.db.get_cf(self.cf(CF_SEARCH_INDEX)?, SEARCH_CURRENT_KEY)? {
+            None => Ok(None),
+            Some(b) => {
+                let a: [u8; 4] = b.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                    cf: CF_SEARCH_INDEX,
+                    detail: format!("`cur` has {} bytes, expected 4", b.len()),
+                })?;
+                Ok(Some(u32::from_le_bytes(a)))
+            }
+        }
+    }
+
+    /// A stored quantizer record.
+    pub fn get_quantizer(&self, version: u32) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_SEARCH_INDEX)?, quantizer_key(version))?)
+    }
+
+    /// Every segment record of a quantizer version, in model-id order.
+    pub fn segments(&self, version: u32, mut f: impl FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
+        let cf = self.cf(CF_SEARCH_INDEX)?;
+        let from = segment_key(version, 0);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(segment_key(version + 1, 0).to_vec());
+        for item in self.db.iterator_cf_opt(cf, ro, IteratorMode::From(&from, Direction::Forward)) {
+            let (k, v) = item?;
+            let id = k.get(5..13).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).ok_or_else(|| {
+                StoreError::Corrupt { cf: CF_SEARCH_INDEX, detail: "short segment key".into() }
+            })?;
+            f(id, &v)?;
+        }
+        Ok(())
+    }
+
+    /// Stores a quantizer being built (not yet current).
+    pub fn put_quantizer(&self, version: u32, bytes: &[u8]) -> Result<()> {
+        self.db.put_cf_opt(self.cf(CF_SEARCH_INDEX)?, quantizer_key(version), bytes, &sync_write())?;
+        Ok(())
+    }
+
+    /// Stores segments of a version in one synced batch. A segment whose model is no longer
+    /// stored (deleted meanwhile) is skipped: the caller holds the write lock or re-checks.
+    pub fn put_segments(&self, version: u32, segments: &[(u64, Vec<u8>)]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        let cf = self.cf(CF_SEARCH_INDEX)?;
+        for (model_id, bytes) in segments {
+            batch.put_cf(cf, segment_key(version, *model_id), bytes);
+        }
+        self.db.write_opt(batch, &sync_write())?;
+        Ok(())
+    }
+
+    /// Makes `version` current and deletes every other version's records, atomically.
+    pub fn switch_search_index(&self, version: u32) -> Result<()> {
+        let cf = self.cf(CF_SEARCH_INDEX)?;
+        let mut batch = WriteBatch::default();
+        for v in self.quantizer_versions()? {
+            if v != version {
+                batch.delete_cf(cf, quantizer_key(v));
+                batch.delete_range_cf(cf, segment_key(v, 0), segment_key(v + 1, 0));
+            }
+        }
+        batch.put_cf(cf, SEARCH_CURRENT_KEY, version.to_le_bytes());
+        self.db.write_opt(batch, &sync_write())?;
+        Ok(())
+    }
+
+    /// Deletes one segment record.
+    pub fn delete_segment(&self, version: u32, model_id: u64) -> Result<()> {
+        self.db.delete_cf_opt(self.cf(CF_SEARCH_INDEX)?, segment_key(version, model_id), &sync_write())?;
+        Ok(())
+    }
+
+    /// Deletes a version's records (an abandoned build).
+    pub fn drop_search_version(&self, version: u32) -> Result<()> {
+        let cf = self.cf(CF_SEARCH_INDEX)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(cf, quantizer_key(version));
+        batch.delete_range_cf(cf, segment_key(version, 0), segment_key(version + 1, 0));
+        self.db.write_opt(batch, &sync_write())?;
+        Ok(())
+    }
+
+    /// Reads single filters of a layer by index within the layer, from a consistent view: each
+    /// block is fetched once (pinned, not copied) however many of its filters are asked for.
+    /// `idx` must be sorted ascending; returns the filters in that order.
+    pub fn read_filters_at(&self, snapshot: Option<&rocksdb::Snapshot<'_>>, layer: &LayerRecord, idx: &[u64]) -> Result<Vec<[f32; 9]>> {
+        let cf = self.cf(CF_FILTER_BLOCKS)?;
+        let mut ro = ReadOptions::default();
+        if let Some(s) = snapshot {
+            ro.set_snapshot(s);
+        }
+        let mut out = Vec::with_capacity(idx.len());
+        let mut i = 0;
+        while i < idx.len() {
+            let block = idx[i] / BLOCK_FILTERS;
+            let v = self.db.get_pinned_cf_opt(cf, block_key(layer.layer_id, block as u32), &ro)?.ok_or_else(|| {
+                StoreError::Corrupt { cf: CF_FILTER_BLOCKS, detail: format!("layer {} block {block} missing", layer.layer_id) }
+            })?;
+            while i < idx.len() && idx[i] / BLOCK_FILTERS == block {
+                let off = (idx[i] % BLOCK_FILTERS) as usize * FILTER_BYTES;
+                let b = v.get(off..off + FILTER_BYTES).ok_or_else(|| StoreError::Corrupt {
+                    cf: CF_FILTER_BLOCKS,
+                    detail: format!("layer {} block {block} holds no filter {}", layer.layer_id, idx[i]),
+                })?;
+                let mut f = [0f32; 9];
+                for (x, c) in f.iter_mut().zip(b.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+                out.push(f);
+                i += 1;
+            }
+        }
+        Ok(out)
     }
 
     /// Versions of every stored basis record.
@@ -626,7 +766,7 @@ mod tests {
         let l1 = LayerRecord { layer_id: 1, layer_index: 1, first_filter_id: 5000, ..l0.clone() };
         let stats = LayerStats::of(&filters);
         let rows = vec![(l0.clone(), stats.clone(), filters.as_slice()), (l1.clone(), stats, filters.as_slice())];
-        s.commit_model(&m, &rows, NextIds { model: 1, layer: 2, filter: 10_000 }, None, &[]).unwrap();
+        s.commit_model(&m, &rows, NextIds { model: 1, layer: 2, filter: 10_000 }, None, &[], None).unwrap();
         // Blocks split at BLOCK_FILTERS and read back across the boundary.
         let got = s.read_layer_filters(None, &l1, 4090, 4100).unwrap();
         assert_eq!(got, filters[4090 * 9..4100 * 9]);

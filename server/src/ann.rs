@@ -1,0 +1,812 @@
+//! The approximate nearest-neighbour index over stored filters (raw space): an inverted file
+//! (IVF) of int8 residual codes whose posting lists are sorted by filter id, so that a meta
+//! selection — which the catalogue turns into a short sorted list of filter-id ranges — is
+//! intersected with each probed list by a merge walk with skips, the way a search engine
+//! intersects posting lists. Candidates are re-ranked exactly from the stored float32 values.
+//!
+//! Structure:
+//! - a [`Quantizer`]: `k1` coarse centroids, each refined into `k2` fine centroids (the cells,
+//!   `nlist = k1·k2`, at most 4096), trained by Lloyd's k-means on a sample of stored filters;
+//!   per cell and dimension a scale `s` such that a member's residual `(f − c)/s` lies in
+//!   [−1, 1] (members beyond are clamped: their code distance is then a lower-quality estimate,
+//!   and exact re-ranking repairs the order among the candidates);
+//! - per filter 9 bytes of code `round(127 · (f − c)/s)` and its id, delta-coded in u16 with an
+//!   escape for large gaps, with a skip entry every [`SKIP`] entries: 11 bytes and a little per
+//!   filter in memory;
+//! - persistence: one segment record per model (its entries grouped by cell) in the
+//!   `search_index` column family, written in the same synced batch as the model itself and
+//!   deleted in the same batch as the model, so the index is exactly as durable as the data
+//!   (a kill -9 never leaves a model without its entries or entries without their model). The
+//!   in-memory lists are rebuilt from the segments at startup. Models without a segment of the
+//!   current quantizer version (stored while an index was being built) are answered by the
+//!   exact scan until the background builder has encoded them.
+//!
+//! A query: distances from q to the `nlist` fine centroids choose the `nprobe` nearest cells
+//! (the nearest for −q too when sign invariant); `nprobe` is scaled by 1/selectivity so a
+//! narrow selection still meets about as many candidates as a full one; each probed list is
+//! intersected with the selection; code distances keep the best `k · rerank` candidates, whose
+//! exact distances (the exact mode's formula, bit for bit) decide the answer.
+
+use std::collections::BinaryHeap;
+
+use rayon::prelude::*;
+
+/// Cells probed for a query over everything, unless the request says otherwise.
+pub const DEFAULT_NPROBE: usize = 16;
+/// Candidates re-ranked exactly: `k · rerank`.
+pub const DEFAULT_RERANK: usize = 4;
+/// Filters stored before an index is trained automatically.
+pub const MIN_TRAIN_FILTERS: u64 = 20_000;
+/// Most cells per level (so at most 4096 cells).
+const MAX_PER_LEVEL: usize = 64;
+/// Training sample: this many filters per cell.
+const SAMPLE_PER_CELL: usize = 64;
+/// Lloyd iterations per level.
+const ITERS: usize = 10;
+/// Entries per skip-table group.
+pub const SKIP: usize = 64;
+/// Slack on the trained residual range, for members outside the training sample.
+const SCALE_SLACK: f32 = 1.5;
+
+const QUANTIZER_MAGIC: &[u8; 4] = b"FQZ1";
+const SEGMENT_MAGIC: &[u8; 4] = b"FSG1";
+
+/// Squared Euclidean distance in f32.
+fn d2(a: &[f32; 9], b: &[f32; 9]) -> f32 {
+    let mut s = 0f32;
+    for k in 0..9 {
+        let t = a[k] - b[k];
+        s += t * t;
+    }
+    s
+}
+
+/// Index of the nearest centroid.
+fn nearest(f: &[f32; 9], cs: &[[f32; 9]]) -> usize {
+    let mut best = (f32::INFINITY, 0);
+    for (i, c) in cs.iter().enumerate() {
+        let d = d2(f, c);
+        if d < best.0 {
+            best = (d, i);
+        }
+    }
+    best.1
+}
+
+/// A small deterministic generator (sampling and k-means seeding must be reproducible).
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Lloyd's k-means with `k ≤ points.len()` centroids seeded from distinct sample points.
+/// (Maintained k-means crates either need a nightly compiler or bring a matrix stack; at 9
+/// dimensions Lloyd's loop is a few lines.)
+fn kmeans(points: &[[f32; 9]], k: usize, seed: u64) -> Vec<[f32; 9]> {
+    let k = k.min(points.len()).max(1);
+    if points.is_empty() {
+        return vec![[0.0; 9]];
+    }
+    // Seed: k distinct positions by a partial Fisher-Yates shuffle of indices.
+    let mut idx: Vec<usize> = (0..points.len()).collect();
+    let mut rng = XorShift(seed | 1);
+    for i in 0..k {
+        let j = i + (rng.next() as usize) % (idx.len() - i);
+        idx.swap(i, j);
+    }
+    let mut cs: Vec<[f32; 9]> = idx[..k].iter().map(|&i| points[i]).collect();
+    for _ in 0..ITERS {
+        let (sums, counts) = points
+            .par_chunks(4096)
+            .map(|chunk| {
+                let mut sums = vec![[0f64; 9]; k];
+                let mut counts = vec![0u64; k];
+                for p in chunk {
+                    let c = nearest(p, &cs);
+                    counts[c] += 1;
+                    for d in 0..9 {
+                        sums[c][d] += f64::from(p[d]);
+                    }
+                }
+                (sums, counts)
+            })
+            .reduce(
+                || (vec![[0f64; 9]; k], vec![0u64; k]),
+                |(mut s1, mut c1), (s2, c2)| {
+                    for i in 0..k {
+                        c1[i] += c2[i];
+                        for d in 0..9 {
+                            s1[i][d] += s2[i][d];
+                        }
+                    }
+                    (s1, c1)
+                },
+            );
+        for i in 0..k {
+            // An empty cluster keeps its centroid.
+            if counts[i] > 0 {
+                for d in 0..9 {
+                    cs[i][d] = (sums[i][d] / counts[i] as f64) as f32;
+                }
+            }
+        }
+    }
+    cs
+}
+
+/// The trained partition and code book.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quantizer {
+    /// Version (increases with every rebuild).
+    pub version: u32,
+    /// Fine cells per coarse centroid.
+    pub k2: usize,
+    /// Coarse centroids.
+    pub coarse: Vec<[f32; 9]>,
+    /// Fine centroids, cell `c1 · k2 + c2`.
+    pub centroids: Vec<[f32; 9]>,
+    /// Per cell and dimension, the residual half-range (> 0).
+    pub scale: Vec<[f32; 9]>,
+    /// Filters stored when it was trained.
+    pub trained_on: u64,
+}
+
+/// Cells per level for a training set of `n` filters.
+fn per_level(n: usize) -> usize {
+    let nlist = (n / SAMPLE_PER_CELL).clamp(1, MAX_PER_LEVEL * MAX_PER_LEVEL);
+    ((nlist as f64).sqrt().floor() as usize).clamp(1, MAX_PER_LEVEL)
+}
+
+impl Quantizer {
+    /// Trains on `sample` (filters drawn from the whole store) for a store of `total` filters.
+    pub fn train(version: u32, sample: &[[f32; 9]], total: u64) -> Quantizer {
+        let per = per_level(sample.len());
+        let coarse = kmeans(sample, per, 0x9E37_79B9_7F4A_7C15 ^ u64::from(version));
+        let k1 = coarse.len();
+        let assign: Vec<usize> = sample.par_iter().map(|p| nearest(p, &coarse)).collect();
+        let mut members: Vec<Vec<[f32; 9]>> = vec![Vec::new(); k1];
+        for (p, &c) in sample.iter().zip(&assign) {
+            members[c].push(*p);
+        }
+        let k2 = per;
+        let fine: Vec<Vec<[f32; 9]>> = members
+            .par_iter()
+            .enumerate()
+            .map(|(c, m)| {
+                let mut f = if m.is_empty() {
+                    vec![coarse[c]]
+                } else {
+                    kmeans(m, k2, 0xD1B5_4A32_D192_ED03 ^ (c as u64) << 8 ^ u64::from(version))
+                };
+                // Fewer members than cells: the spare cells repeat the first centroid and stay
+                // empty (the first of equal distances wins).
+                while f.len() < k2 {
+                    f.push(f[0]);
+                }
+                f
+            })
+            .collect();
+        let centroids: Vec<[f32; 9]> = fine.into_iter().flatten().collect();
+        let mut q = Quantizer {
+            version,
+            k2,
+            coarse,
+            centroids,
+            scale: Vec::new(),
+            trained_on: total,
+        };
+        let mut range = vec![[0f32; 9]; q.centroids.len()];
+        for p in sample {
+            let c = q.cell(p);
+            for d in 0..9 {
+                range[c][d] = range[c][d].max((p[d] - q.centroids[c][d]).abs());
+            }
+        }
+        // A dimension with no spread in the sample borrows the largest spread of the cell (or
+        // a tiny positive value), so every scale divides.
+        q.scale = range
+            .into_iter()
+            .map(|r| {
+                let fallback = r.iter().fold(0f32, |m, v| m.max(*v)).max(f32::MIN_POSITIVE);
+                r.map(|v| if v > 0.0 { v * SCALE_SLACK } else { fallback * SCALE_SLACK })
+            })
+            .collect();
+        q
+    }
+
+    /// Number of cells.
+    pub fn nlist(&self) -> usize {
+        self.centroids.len()
+    }
+
+    /// The cell of a filter: nearest coarse centroid, then nearest of its fine centroids.
+    pub fn cell(&self, f: &[f32; 9]) -> usize {
+        let c1 = nearest(f, &self.coarse);
+        let base = c1 * self.k2;
+        base + nearest(f, &self.centroids[base..base + self.k2])
+    }
+
+    /// The 9-byte code of `f` in cell `c`.
+    pub fn code(&self, f: &[f32; 9], c: usize) -> [i8; 9] {
+        let (cen, s) = (&self.centroids[c], &self.scale[c]);
+        let mut out = [0i8; 9];
+        for d in 0..9 {
+            let v = ((f[d] - cen[d]) / s[d] * 127.0).round();
+            out[d] = if v.is_nan() { 0 } else { v.clamp(-127.0, 127.0) as i8 };
+        }
+        out
+    }
+
+    /// Binary form: magic, version, k2, nlist, k1, trained_on, then coarse, centroids, scales
+    /// as f32 LE.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(32 + (self.coarse.len() + 2 * self.centroids.len()) * 36);
+        b.extend_from_slice(QUANTIZER_MAGIC);
+        b.extend_from_slice(&self.version.to_le_bytes());
+        b.extend_from_slice(&(self.k2 as u32).to_le_bytes());
+        b.extend_from_slice(&(self.centroids.len() as u32).to_le_bytes());
+        b.extend_from_slice(&(self.coarse.len() as u32).to_le_bytes());
+        b.extend_from_slice(&self.trained_on.to_le_bytes());
+        for v in self.coarse.iter().chain(&self.centroids).chain(&self.scale) {
+            for x in v {
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        b
+    }
+
+    /// Reads [`Quantizer::encode`]'s form.
+    pub fn decode(b: &[u8]) -> Result<Quantizer, String> {
+        let mut r = Reader { b, at: 0 };
+        if r.take(4)? != QUANTIZER_MAGIC {
+            return Err("search index quantizer: bad magic".into());
+        }
+        let version = r.u32()?;
+        let k2 = r.u32()? as usize;
+        let nlist = r.u32()? as usize;
+        let k1 = r.u32()? as usize;
+        let trained_on = r.u64()?;
+        if k2 == 0 || k1 * k2 != nlist {
+            return Err(format!("search index quantizer: {k1} x {k2} cells but nlist {nlist}"));
+        }
+        let mut vecs = |n: usize| -> Result<Vec<[f32; 9]>, String> {
+            (0..n).map(|_| r.vec9()).collect()
+        };
+        let coarse = vecs(k1)?;
+        let centroids = vecs(nlist)?;
+        let scale = vecs(nlist)?;
+        Ok(Quantizer { version, k2, coarse, centroids, scale, trained_on })
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let s = self
+            .b
+            .get(self.at..self.at + n)
+            .ok_or_else(|| format!("search index record truncated at byte {}", self.at))?;
+        self.at += n;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        let s = self.take(4)?;
+        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        let s = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(s);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn vec9(&mut self) -> Result<[f32; 9], String> {
+        let s = self.take(36)?;
+        let mut v = [0f32; 9];
+        for (x, c) in v.iter_mut().zip(s.chunks_exact(4)) {
+            *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        Ok(v)
+    }
+}
+
+/// One model's entries, grouped by cell (the persisted form).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segment {
+    /// Quantizer version the codes belong to.
+    pub version: u32,
+    /// Owning model.
+    pub model_id: u64,
+    /// (cell, filter ids ascending, codes) for every non-empty cell, cells ascending.
+    pub cells: Vec<(u32, Vec<u64>, Vec<[i8; 9]>)>,
+}
+
+impl Segment {
+    /// Encodes the filters `filters` (9 values each) whose ids start at `first_filter_id`.
+    /// Runs on the rayon pool.
+    pub fn build(q: &Quantizer, model_id: u64, layers: &[(u64, &[f32])]) -> Segment {
+        let mut entries: Vec<(u32, u64, [i8; 9])> = layers
+            .par_iter()
+            .flat_map_iter(|(first, vals)| {
+                vals.chunks_exact(9).enumerate().map(move |(i, f)| (*first + i as u64, f))
+            })
+            .map(|(id, f)| {
+                let mut a = [0f32; 9];
+                a.copy_from_slice(f);
+                // A non-finite value cannot be stored (ingest refuses it); zero keeps codes sane.
+                if a.iter().any(|v| !v.is_finite()) {
+                    a = [0.0; 9];
+                }
+                let c = q.cell(&a);
+                (c as u32, id, q.code(&a, c))
+            })
+            .collect();
+        entries.par_sort_unstable_by_key(|e| (e.0, e.1));
+        let mut cells: Vec<(u32, Vec<u64>, Vec<[i8; 9]>)> = Vec::new();
+        for (c, id, code) in entries {
+            match cells.last_mut() {
+                Some(last) if last.0 == c => {
+                    last.1.push(id);
+                    last.2.push(code);
+                }
+                _ => cells.push((c, vec![id], vec![code])),
+            }
+        }
+        Segment { version: q.version, model_id, cells }
+    }
+
+    /// Entries in the segment.
+    pub fn len(&self) -> usize {
+        self.cells.iter().map(|c| c.1.len()).sum()
+    }
+
+    /// Whether it holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.cells.is_empty()
+    }
+
+    /// Binary form: magic, version, model id, cell count, then per cell: cell, count, ids
+    /// (u64 LE), codes (9 bytes each).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(20 + self.len() * 17 + self.cells.len() * 8);
+        b.extend_from_slice(SEGMENT_MAGIC);
+        b.extend_from_slice(&self.version.to_le_bytes());
+        b.extend_from_slice(&self.model_id.to_le_bytes());
+        b.extend_from_slice(&(self.cells.len() as u32).to_le_bytes());
+        for (c, ids, codes) in &self.cells {
+            b.extend_from_slice(&c.to_le_bytes());
+            b.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+            for id in ids {
+                b.extend_from_slice(&id.to_le_bytes());
+            }
+            for code in codes {
+                b.extend(code.iter().map(|v| *v as u8));
+            }
+        }
+        b
+    }
+
+    /// Reads [`Segment::encode`]'s form; `nlist` bounds the cell numbers.
+    pub fn decode(b: &[u8], nlist: usize) -> Result<Segment, String> {
+        let mut r = Reader { b, at: 0 };
+        if r.take(4)? != SEGMENT_MAGIC {
+            return Err("search index segment: bad magic".into());
+        }
+        let version = r.u32()?;
+        let model_id = r.u64()?;
+        let n = r.u32()? as usize;
+        let mut cells = Vec::with_capacity(n.min(1 << 16));
+        for _ in 0..n {
+            let c = r.u32()?;
+            if c as usize >= nlist {
+                return Err(format!("search index segment of model {model_id}: cell {c} of {nlist}"));
+            }
+            let len = r.u32()? as usize;
+            let ids = (0..len).map(|_| r.u64()).collect::<Result<Vec<u64>, String>>()?;
+            let raw = r.take(len * 9)?;
+            let codes = raw
+                .chunks_exact(9)
+                .map(|s| {
+                    let mut a = [0i8; 9];
+                    for (x, y) in a.iter_mut().zip(s) {
+                        *x = *y as i8;
+                    }
+                    a
+                })
+                .collect();
+            cells.push((c, ids, codes));
+        }
+        Ok(Segment { version, model_id, cells })
+    }
+}
+
+/// One posting list: ids ascending, delta-coded.
+#[derive(Debug, Default, Clone)]
+struct List {
+    /// id − previous id, or 0 when the id is in `escapes` (first entry, or a gap ≥ 2¹⁶).
+    deltas: Vec<u16>,
+    escapes: Vec<u64>,
+    /// Per group of [`SKIP`] entries: (first id, escapes consumed before the group).
+    skips: Vec<(u64, u32)>,
+    codes: Vec<[i8; 9]>,
+    last: Option<u64>,
+}
+
+impl List {
+    fn push(&mut self, id: u64, code: [i8; 9]) {
+        let i = self.deltas.len();
+        if i.is_multiple_of(SKIP) {
+            self.skips.push((id, self.escapes.len() as u32));
+        }
+        let delta = match self.last {
+            Some(l) if id > l && id - l <= u64::from(u16::MAX) => (id - l) as u16,
+            _ => 0,
+        };
+        if delta == 0 {
+            self.escapes.push(id);
+        }
+        self.deltas.push(delta);
+        self.codes.push(code);
+        self.last = Some(id);
+    }
+
+    fn len(&self) -> usize {
+        self.deltas.len()
+    }
+
+    fn bytes(&self) -> usize {
+        self.deltas.capacity() * 2
+            + self.escapes.capacity() * 8
+            + self.skips.capacity() * 16
+            + self.codes.capacity() * 9
+    }
+
+    /// Calls `f(id, code)` for every entry whose id lies in one of `ranges` (sorted, disjoint,
+    /// half-open). Groups that lie wholly between ranges are skipped without being decoded.
+    fn for_each_in(&self, ranges: &[(u64, u64)], mut f: impl FnMut(u64, &[i8; 9])) {
+        let n = self.len();
+        let mut r = 0;
+        let mut g = 0;
+        while g < self.skips.len() && r < ranges.len() {
+            let (first, esc) = self.skips[g];
+            let next_first = self.skips.get(g + 1).map_or(u64::MAX, |s| s.0);
+            // Ranges ending before this group are done.
+            while r < ranges.len() && ranges[r].1 <= first {
+                r += 1;
+            }
+            if r == ranges.len() {
+                break;
+            }
+            if ranges[r].0 >= next_first {
+                // The whole group lies before the next range: jump to the group holding it.
+                let target = ranges[r].0;
+                let j = self.skips.partition_point(|s| s.0 <= target);
+                g = j.saturating_sub(1).max(g + 1);
+                continue;
+            }
+            let start = g * SKIP;
+            let end = (start + SKIP).min(n);
+            let mut e = esc as usize;
+            let mut id = first;
+            for i in start..end {
+                let d = self.deltas[i];
+                if i == start {
+                    if d == 0 {
+                        e += 1;
+                    }
+                } else if d == 0 {
+                    id = self.escapes[e];
+                    e += 1;
+                } else {
+                    id += u64::from(d);
+                }
+                while r < ranges.len() && ranges[r].1 <= id {
+                    r += 1;
+                }
+                if r == ranges.len() {
+                    return;
+                }
+                if id >= ranges[r].0 {
+                    f(id, &self.codes[i]);
+                }
+            }
+            g += 1;
+        }
+    }
+}
+
+/// A candidate by code distance.
+#[derive(Debug, Clone, Copy)]
+pub struct Approx {
+    /// Code-estimated squared distance.
+    pub d: f32,
+    /// Filter id.
+    pub id: u64,
+}
+
+impl PartialEq for Approx {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == std::cmp::Ordering::Equal
+    }
+}
+impl Eq for Approx {}
+impl PartialOrd for Approx {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Approx {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.d.total_cmp(&o.d).then(self.id.cmp(&o.id))
+    }
+}
+
+/// The in-memory index of one quantizer version.
+#[derive(Debug)]
+pub struct Index {
+    /// The quantizer.
+    pub quantizer: Quantizer,
+    lists: Vec<List>,
+    /// Models whose entries are in the lists (deleted ones included until a rebuild).
+    models: std::collections::HashSet<u64>,
+    entries: u64,
+    dead: u64,
+}
+
+/// What a probe did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProbeStats {
+    /// Cells probed.
+    pub cells: usize,
+    /// Codes compared (entries in the selection).
+    pub codes: u64,
+}
+
+impl Index {
+    /// An empty index for a quantizer.
+    pub fn new(quantizer: Quantizer) -> Index {
+        let n = quantizer.nlist();
+        Index {
+            quantizer,
+            lists: vec![List::default(); n],
+            models: Default::default(),
+            entries: 0,
+            dead: 0,
+        }
+    }
+
+    /// Appends a segment. Segments must come in model-id order (ids ascend per list); one
+    /// out of order is refused.
+    pub fn add(&mut self, s: &Segment) -> Result<(), String> {
+        if s.version != self.quantizer.version {
+            return Err(format!(
+                "segment of model {} has quantizer version {}, index has {}",
+                s.model_id, s.version, self.quantizer.version
+            ));
+        }
+        for (c, ids, codes) in &s.cells {
+            let list = self
+                .lists
+                .get_mut(*c as usize)
+                .ok_or_else(|| format!("segment of model {}: cell {c} out of range", s.model_id))?;
+            if let (Some(l), Some(f)) = (list.last, ids.first())
+                && *f <= l
+            {
+                return Err(format!("segment of model {} is out of id order", s.model_id));
+            }
+            for (id, code) in ids.iter().zip(codes) {
+                list.push(*id, *code);
+            }
+        }
+        self.entries += s.len() as u64;
+        self.models.insert(s.model_id);
+        Ok(())
+    }
+
+    /// Releases spare capacity of the lists (after a bulk load).
+    pub fn shrink(&mut self) {
+        for l in &mut self.lists {
+            l.deltas.shrink_to_fit();
+            l.escapes.shrink_to_fit();
+            l.skips.shrink_to_fit();
+            l.codes.shrink_to_fit();
+        }
+    }
+
+    /// Marks a model's entries dead (they stay in the lists, never selected, until a rebuild).
+    pub fn remove_model(&mut self, model_id: u64, n_filters: u64) {
+        if self.models.remove(&model_id) {
+            self.dead += n_filters;
+        }
+    }
+
+    /// Whether the model's filters are in the index.
+    pub fn has_model(&self, model_id: u64) -> bool {
+        self.models.contains(&model_id)
+    }
+
+    /// Live entries.
+    pub fn live_entries(&self) -> u64 {
+        self.entries - self.dead
+    }
+
+    /// Entries of deleted models still in the lists.
+    pub fn dead_entries(&self) -> u64 {
+        self.dead
+    }
+
+    /// Indexed models.
+    pub fn n_models(&self) -> usize {
+        self.models.len()
+    }
+
+    /// Heap bytes held by the lists and the quantizer.
+    pub fn bytes(&self) -> u64 {
+        let q = (self.quantizer.coarse.len() + 2 * self.quantizer.centroids.len()) * 36;
+        (self.lists.iter().map(List::bytes).sum::<usize>() + q + self.lists.len() * std::mem::size_of::<List>()) as u64
+    }
+
+    /// The `nprobe` cells nearest to each query (union, ascending).
+    fn probe_cells(&self, qs: &[[f32; 9]], nprobe: usize) -> Vec<usize> {
+        let nlist = self.quantizer.nlist();
+        let nprobe = nprobe.clamp(1, nlist);
+        let mut cells = Vec::new();
+        for q in qs {
+            let mut d: Vec<(f32, usize)> =
+                self.quantizer.centroids.iter().enumerate().map(|(i, c)| (d2(q, c), i)).collect();
+            if nprobe < nlist {
+                d.select_nth_unstable_by(nprobe - 1, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                d.truncate(nprobe);
+            }
+            cells.extend(d.into_iter().map(|x| x.1));
+        }
+        cells.sort_unstable();
+        cells.dedup();
+        cells
+    }
+
+    /// The `m` best candidates by code distance among entries in `ranges` (sorted, disjoint
+    /// filter-id ranges) of the `nprobe` cells nearest to q (and to −q when `qs` has two).
+    pub fn candidates(&self, qs: &[[f32; 9]], nprobe: usize, ranges: &[(u64, u64)], m: usize) -> (Vec<Approx>, ProbeStats) {
+        let cells = self.probe_cells(qs, nprobe);
+        let q = &self.quantizer;
+        let (heap, codes) = cells
+            .par_iter()
+            .fold(
+                || (BinaryHeap::<Approx>::with_capacity(m + 1), 0u64),
+                |(mut heap, mut codes), &c| {
+                    let (cen, s) = (&q.centroids[c], &q.scale[c]);
+                    // Distance in code units: Σ w_d (code_d − t_d)², t = 127 (q − c)/s, w = (s/127)².
+                    let w: [f32; 9] = std::array::from_fn(|d| (s[d] / 127.0) * (s[d] / 127.0));
+                    let ts: Vec<[f32; 9]> =
+                        qs.iter().map(|qv| std::array::from_fn(|d| (qv[d] - cen[d]) / s[d] * 127.0)).collect();
+                    self.lists[c].for_each_in(ranges, |id, code| {
+                        codes += 1;
+                        let mut best = f32::INFINITY;
+                        for t in &ts {
+                            let mut acc = 0f32;
+                            for d in 0..9 {
+                                let x = f32::from(code[d]) - t[d];
+                                acc += w[d] * x * x;
+                            }
+                            best = best.min(acc);
+                        }
+                        let a = Approx { d: best, id };
+                        if heap.len() < m {
+                            heap.push(a);
+                        } else if heap.peek().is_some_and(|w| a < *w) {
+                            heap.pop();
+                            heap.push(a);
+                        }
+                    });
+                    (heap, codes)
+                },
+            )
+            .reduce(
+                || (BinaryHeap::new(), 0u64),
+                |(mut h1, c1), (h2, c2)| {
+                    for a in h2 {
+                        if h1.len() < m {
+                            h1.push(a);
+                        } else if h1.peek().is_some_and(|w| a < *w) {
+                            h1.pop();
+                            h1.push(a);
+                        }
+                    }
+                    (h1, c1 + c2)
+                },
+            );
+        let mut v = heap.into_vec();
+        v.sort_unstable();
+        (v, ProbeStats { cells: cells.len(), codes })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clustered(n: usize, seed: u64) -> Vec<[f32; 9]> {
+        let mut r = XorShift(seed);
+        let mut u = move || (r.next() >> 11) as f32 / (1u64 << 53) as f32 - 0.5;
+        let centres: Vec<[f32; 9]> = (0..50).map(|_| std::array::from_fn(|_| u() * 4.0)).collect();
+        (0..n)
+            .map(|i| {
+                let c = &centres[i % centres.len()];
+                std::array::from_fn(|d| c[d] + u() * 0.2)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn list_walk_visits_exactly_the_ids_in_the_ranges() {
+        let mut l = List::default();
+        // Gaps small and large (escapes), ids from 0.
+        let ids: Vec<u64> = (0..1000u64).map(|i| i * i * 37 + i).collect();
+        for &id in &ids {
+            l.push(id, [id as i8; 9]);
+        }
+        let ranges = [(0, 1), (500, 90_000), (1_000_000, 1_000_001), (5_000_000, 20_000_000), (36_000_000, u64::MAX)];
+        let mut got = Vec::new();
+        l.for_each_in(&ranges, |id, code| {
+            assert_eq!(code[0], id as i8);
+            got.push(id);
+        });
+        let want: Vec<u64> =
+            ids.iter().copied().filter(|id| ranges.iter().any(|r| *id >= r.0 && *id < r.1)).collect();
+        assert_eq!(got, want);
+        let mut all = Vec::new();
+        l.for_each_in(&[(0, u64::MAX)], |id, _| all.push(id));
+        assert_eq!(all, ids);
+    }
+
+    #[test]
+    fn codes_reconstruct_within_the_cell_scale_and_records_round_trip() {
+        let pts = clustered(20_000, 3);
+        let q = Quantizer::train(1, &pts, pts.len() as u64);
+        assert!(q.nlist() >= 64, "{}", q.nlist());
+        for p in pts.iter().take(2000) {
+            let c = q.cell(p);
+            let code = q.code(p, c);
+            for d in 0..9 {
+                let back = q.centroids[c][d] + f32::from(code[d]) / 127.0 * q.scale[c][d];
+                assert!((back - p[d]).abs() <= q.scale[c][d] / 127.0 * 0.51 + 1e-6, "dim {d}");
+            }
+        }
+        assert_eq!(Quantizer::decode(&q.encode()).unwrap(), q);
+        let flat: Vec<f32> = pts.iter().flatten().copied().collect();
+        let s = Segment::build(&q, 7, &[(100, &flat[..900]), (5000, &flat[900..])]);
+        assert_eq!(s.len(), 20_000);
+        assert_eq!(Segment::decode(&s.encode(), q.nlist()).unwrap(), s);
+    }
+
+    #[test]
+    fn probing_every_cell_finds_the_true_nearest_among_the_candidates() {
+        let pts = clustered(30_000, 5);
+        let q = Quantizer::train(1, &pts, pts.len() as u64);
+        let flat: Vec<f32> = pts.iter().flatten().copied().collect();
+        let mut idx = Index::new(q.clone());
+        idx.add(&Segment::build(&q, 0, &[(0, &flat)])).unwrap();
+        let query = [0.1f32, -0.2, 0.3, 0.0, 0.5, -0.1, 0.2, 0.2, -0.3];
+        let ranges = [(1000, 20_000)];
+        let (cands, stats) = idx.candidates(&[query], q.nlist(), &ranges, 50);
+        assert_eq!(stats.codes, 19_000);
+        let mut exact: Vec<(f32, u64)> =
+            (1000..20_000u64).map(|i| (d2(&pts[i as usize], &query), i)).collect();
+        exact.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let got: std::collections::HashSet<u64> = cands.iter().map(|a| a.id).collect();
+        for (_, id) in exact.iter().take(10) {
+            assert!(got.contains(id), "true neighbour {id} missing from the candidates");
+        }
+        assert!(cands.iter().all(|a| (1000..20_000).contains(&a.id)));
+    }
+}
