@@ -5,8 +5,10 @@
 //! intersects posting lists. Candidates are re-ranked exactly from the stored float32 values.
 //!
 //! Structure:
-//! - a [`Quantizer`]: `k1` coarse centroids, each refined into `k2` fine centroids (the cells,
-//!   `nlist = k1·k2`, at most 4096), trained by Lloyd's k-means on a sample of stored filters;
+//! - a [`Quantizer`]: `k1` coarse centroids, each refined into fine centroids (the cells, at
+//!   most 4096 in all) in proportion to the share of the sample it holds, so that dense regions
+//!   (the many small-magnitude filters of deep layers) get as many cells as they need; trained
+//!   by Lloyd's k-means on a sample of stored filters;
 //!   per cell and dimension a scale `s` such that a member's residual `(f − c)/s` lies in
 //!   [−1, 1] (members beyond are clamped: their code distance is then a lower-quality estimate,
 //!   and exact re-ranking repairs the order among the candidates);
@@ -22,8 +24,8 @@
 //!   exact scan until the background builder has encoded them.
 //!
 //! A query: distances from q to the `nlist` fine centroids choose the `nprobe` nearest cells
-//! (the nearest for −q too when sign invariant); `nprobe` is scaled by 1/selectivity so a
-//! narrow selection still meets about as many candidates as a full one; each probed list is
+//! (the nearest for −q too when sign invariant); `nprobe` is scaled by √(1/selectivity) so a
+//! narrow selection still meets enough of its own filters; each probed list is
 //! intersected with the selection; code distances keep the best `k · rerank` candidates, whose
 //! exact distances (the exact mode's formula, bit for bit) decide the answer.
 
@@ -145,11 +147,11 @@ fn kmeans(points: &[[f32; 9]], k: usize, seed: u64) -> Vec<[f32; 9]> {
 pub struct Quantizer {
     /// Version (increases with every rebuild).
     pub version: u32,
-    /// Fine cells per coarse centroid.
-    pub k2: usize,
+    /// Fine cells of coarse centroid c: `offsets[c]..offsets[c + 1]`.
+    pub offsets: Vec<usize>,
     /// Coarse centroids.
     pub coarse: Vec<[f32; 9]>,
-    /// Fine centroids, cell `c1 · k2 + c2`.
+    /// Fine centroids, grouped by coarse centroid.
     pub centroids: Vec<[f32; 9]>,
     /// Per cell and dimension, the residual half-range (> 0).
     pub scale: Vec<[f32; 9]>,
@@ -174,28 +176,34 @@ impl Quantizer {
         for (p, &c) in sample.iter().zip(&assign) {
             members[c].push(*p);
         }
-        let k2 = per;
+        // Cells per coarse cluster in proportion to its members (at least one, at most one
+        // per member), about per·per in all.
+        let target = per * per;
+        let n = sample.len().max(1);
+        let quota: Vec<usize> = members
+            .iter()
+            .map(|m| ((m.len() * target) as f64 / n as f64).round().clamp(1.0, m.len().max(1) as f64) as usize)
+            .collect();
         let fine: Vec<Vec<[f32; 9]>> = members
             .par_iter()
+            .zip(&quota)
             .enumerate()
-            .map(|(c, m)| {
-                let mut f = if m.is_empty() {
+            .map(|(c, (m, &q))| {
+                if m.is_empty() {
                     vec![coarse[c]]
                 } else {
-                    kmeans(m, k2, 0xD1B5_4A32_D192_ED03 ^ (c as u64) << 8 ^ u64::from(version))
-                };
-                // Fewer members than cells: the spare cells repeat the first centroid and stay
-                // empty (the first of equal distances wins).
-                while f.len() < k2 {
-                    f.push(f[0]);
+                    kmeans(m, q, 0xD1B5_4A32_D192_ED03 ^ (c as u64) << 8 ^ u64::from(version))
                 }
-                f
             })
             .collect();
+        let mut offsets = vec![0usize];
+        for f in &fine {
+            offsets.push(offsets[offsets.len() - 1] + f.len());
+        }
         let centroids: Vec<[f32; 9]> = fine.into_iter().flatten().collect();
         let mut q = Quantizer {
             version,
-            k2,
+            offsets,
             coarse,
             centroids,
             scale: Vec::new(),
@@ -228,8 +236,8 @@ impl Quantizer {
     /// The cell of a filter: nearest coarse centroid, then nearest of its fine centroids.
     pub fn cell(&self, f: &[f32; 9]) -> usize {
         let c1 = nearest(f, &self.coarse);
-        let base = c1 * self.k2;
-        base + nearest(f, &self.centroids[base..base + self.k2])
+        let (a, b) = (self.offsets[c1], self.offsets[c1 + 1]);
+        a + nearest(f, &self.centroids[a..b])
     }
 
     /// The 9-byte code of `f` in cell `c`.
@@ -243,16 +251,18 @@ impl Quantizer {
         out
     }
 
-    /// Binary form: magic, version, k2, nlist, k1, trained_on, then coarse, centroids, scales
-    /// as f32 LE.
+    /// Binary form: magic, version, nlist, k1, trained_on, the k1 + 1 offsets (u32), then
+    /// coarse, centroids, scales as f32 LE.
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(32 + (self.coarse.len() + 2 * self.centroids.len()) * 36);
         b.extend_from_slice(QUANTIZER_MAGIC);
         b.extend_from_slice(&self.version.to_le_bytes());
-        b.extend_from_slice(&(self.k2 as u32).to_le_bytes());
         b.extend_from_slice(&(self.centroids.len() as u32).to_le_bytes());
         b.extend_from_slice(&(self.coarse.len() as u32).to_le_bytes());
         b.extend_from_slice(&self.trained_on.to_le_bytes());
+        for o in &self.offsets {
+            b.extend_from_slice(&(*o as u32).to_le_bytes());
+        }
         for v in self.coarse.iter().chain(&self.centroids).chain(&self.scale) {
             for x in v {
                 b.extend_from_slice(&x.to_le_bytes());
@@ -268,12 +278,15 @@ impl Quantizer {
             return Err("search index quantizer: bad magic".into());
         }
         let version = r.u32()?;
-        let k2 = r.u32()? as usize;
         let nlist = r.u32()? as usize;
         let k1 = r.u32()? as usize;
         let trained_on = r.u64()?;
-        if k2 == 0 || k1 * k2 != nlist {
-            return Err(format!("search index quantizer: {k1} x {k2} cells but nlist {nlist}"));
+        if k1 == 0 || k1 > nlist || nlist > 1 << 20 {
+            return Err(format!("search index quantizer: {k1} coarse centroids for {nlist} cells"));
+        }
+        let offsets = (0..=k1).map(|_| r.u32().map(|v| v as usize)).collect::<Result<Vec<usize>, String>>()?;
+        if offsets[0] != 0 || offsets[k1] != nlist || offsets.windows(2).any(|w| w[0] >= w[1]) {
+            return Err("search index quantizer: cell offsets out of order".into());
         }
         let mut vecs = |n: usize| -> Result<Vec<[f32; 9]>, String> {
             (0..n).map(|_| r.vec9()).collect()
@@ -281,7 +294,7 @@ impl Quantizer {
         let coarse = vecs(k1)?;
         let centroids = vecs(nlist)?;
         let scale = vecs(nlist)?;
-        Ok(Quantizer { version, k2, coarse, centroids, scale, trained_on })
+        Ok(Quantizer { version, offsets, coarse, centroids, scale, trained_on })
     }
 }
 
@@ -531,6 +544,18 @@ pub struct Approx {
     pub d: f32,
     /// Filter id.
     pub id: u64,
+    /// Bound on the distance between the filter and its reconstruction from the code
+    /// (infinite for a code clamped at ±127): the true distance to q is at least
+    /// (√d − eps)².
+    pub eps: f32,
+}
+
+impl Approx {
+    /// A lower bound of the exact squared distance (with slack for f32 rounding).
+    pub fn lower_bound(&self) -> f64 {
+        let r = f64::from(self.d).max(0.0).sqrt() * (1.0 - 1e-4) - f64::from(self.eps) * 1.0001;
+        if r > 0.0 { r * r } else { 0.0 }
+    }
 }
 
 impl PartialEq for Approx {
@@ -560,6 +585,7 @@ pub struct Index {
     models: std::collections::HashSet<u64>,
     entries: u64,
     dead: u64,
+    generation: u64,
 }
 
 /// What a probe did.
@@ -581,6 +607,7 @@ impl Index {
             models: Default::default(),
             entries: 0,
             dead: 0,
+            generation: 0,
         }
     }
 
@@ -609,6 +636,7 @@ impl Index {
         }
         self.entries += s.len() as u64;
         self.models.insert(s.model_id);
+        self.generation += 1;
         Ok(())
     }
 
@@ -627,6 +655,12 @@ impl Index {
         if self.models.remove(&model_id) {
             self.dead += n_filters;
         }
+        self.generation += 1;
+    }
+
+    /// (quantizer version, change counter): what a cached plan over the index depends on.
+    pub fn key(&self) -> (u32, u64) {
+        (self.quantizer.version, self.generation)
     }
 
     /// Whether the model's filters are in the index.
@@ -679,52 +713,67 @@ impl Index {
     pub fn candidates(&self, qs: &[[f32; 9]], nprobe: usize, ranges: &[(u64, u64)], m: usize) -> (Vec<Approx>, ProbeStats) {
         let cells = self.probe_cells(qs, nprobe);
         let q = &self.quantizer;
-        let (heap, codes) = cells
-            .par_iter()
-            .fold(
-                || (BinaryHeap::<Approx>::with_capacity(m + 1), 0u64),
-                |(mut heap, mut codes), &c| {
-                    let (cen, s) = (&q.centroids[c], &q.scale[c]);
-                    // Distance in code units: Σ w_d (code_d − t_d)², t = 127 (q − c)/s, w = (s/127)².
-                    let w: [f32; 9] = std::array::from_fn(|d| (s[d] / 127.0) * (s[d] / 127.0));
-                    let ts: Vec<[f32; 9]> =
-                        qs.iter().map(|qv| std::array::from_fn(|d| (qv[d] - cen[d]) / s[d] * 127.0)).collect();
-                    self.lists[c].for_each_in(ranges, |id, code| {
-                        codes += 1;
-                        let mut best = f32::INFINITY;
-                        for t in &ts {
-                            let mut acc = 0f32;
-                            for d in 0..9 {
-                                let x = f32::from(code[d]) - t[d];
-                                acc += w[d] * x * x;
-                            }
-                            best = best.min(acc);
-                        }
-                        let a = Approx { d: best, id };
-                        if heap.len() < m {
-                            heap.push(a);
-                        } else if heap.peek().is_some_and(|w| a < *w) {
-                            heap.pop();
-                            heap.push(a);
-                        }
-                    });
-                    (heap, codes)
-                },
-            )
-            .reduce(
-                || (BinaryHeap::new(), 0u64),
-                |(mut h1, c1), (h2, c2)| {
-                    for a in h2 {
-                        if h1.len() < m {
-                            h1.push(a);
-                        } else if h1.peek().is_some_and(|w| a < *w) {
-                            h1.pop();
-                            h1.push(a);
-                        }
+        let scan = |heap: &mut BinaryHeap<Approx>, codes: &mut u64, c: usize| {
+            let (cen, s) = (&q.centroids[c], &q.scale[c]);
+            // Distance in code units: Σ w_d (code_d − t_d)², t = 127 (q − c)/s, w = (s/127)².
+            let w: [f32; 9] = std::array::from_fn(|d| (s[d] / 127.0) * (s[d] / 127.0));
+            // Rounding moves each coordinate by at most s/254.
+            let eps = s.iter().map(|v| (v / 254.0) * (v / 254.0)).sum::<f32>().sqrt() * 1.001;
+            let ts: Vec<[f32; 9]> = qs.iter().map(|qv| std::array::from_fn(|d| (qv[d] - cen[d]) / s[d] * 127.0)).collect();
+            self.lists[c].for_each_in(ranges, |id, code| {
+                *codes += 1;
+                let mut best = f32::INFINITY;
+                for t in &ts {
+                    let mut acc = 0f32;
+                    for d in 0..9 {
+                        let x = f32::from(code[d]) - t[d];
+                        acc += w[d] * x * x;
                     }
-                    (h1, c1 + c2)
-                },
-            );
+                    best = best.min(acc);
+                }
+                let clamped = code.iter().any(|v| *v == 127 || *v == -127);
+                let a = Approx { d: best, id, eps: if clamped { f32::INFINITY } else { eps } };
+                if heap.len() < m {
+                    heap.push(a);
+                } else if heap.peek().is_some_and(|w| a < *w) {
+                    heap.pop();
+                    heap.push(a);
+                }
+            });
+        };
+        let work: usize = cells.iter().map(|&c| self.lists[c].len()).sum();
+        let (heap, codes) = if work < 65_536 {
+            // Small probes run on the calling thread: concurrent queries fill the cores.
+            let (mut heap, mut codes) = (BinaryHeap::with_capacity(m + 1), 0u64);
+            for &c in &cells {
+                scan(&mut heap, &mut codes, c);
+            }
+            (heap, codes)
+        } else {
+            cells
+                .par_iter()
+                .fold(
+                    || (BinaryHeap::<Approx>::with_capacity(m + 1), 0u64),
+                    |(mut heap, mut codes), &c| {
+                        scan(&mut heap, &mut codes, c);
+                        (heap, codes)
+                    },
+                )
+                .reduce(
+                    || (BinaryHeap::new(), 0u64),
+                    |(mut h1, c1), (h2, c2)| {
+                        for a in h2 {
+                            if h1.len() < m {
+                                h1.push(a);
+                            } else if h1.peek().is_some_and(|w| a < *w) {
+                                h1.pop();
+                                h1.push(a);
+                            }
+                        }
+                        (h1, c1 + c2)
+                    },
+                )
+        };
         let mut v = heap.into_vec();
         v.sort_unstable();
         (v, ProbeStats { cells: cells.len(), codes })

@@ -29,6 +29,8 @@ pub struct Catalog {
     by_first_filter: BTreeMap<u64, u64>,
     /// Id counters.
     pub next_ids: NextIds,
+    /// Changes with every insert, remove and update (keys caches of selections).
+    generation: u64,
 }
 
 impl Catalog {
@@ -57,10 +59,17 @@ impl Catalog {
             self.layers.insert(l.record.layer_id, Arc::new(l));
         }
         self.next_ids = next_ids;
+        self.generation += 1;
+    }
+
+    /// Changes whenever the catalogue does.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Removes a deleted model.
     pub fn remove(&mut self, model_id: u64) {
+        self.generation += 1;
         if let Some(m) = self.models.remove(&model_id) {
             self.by_name.remove(&m.name);
             self.by_hash.remove(&m.content_sha256);
@@ -74,6 +83,7 @@ impl Catalog {
 
     /// Replaces a model record whose labels or name changed.
     pub fn update(&mut self, m: ModelRecord) {
+        self.generation += 1;
         if let Some(old) = self.models.get(&m.model_id) {
             self.by_name.remove(&old.name);
         }
@@ -143,13 +153,21 @@ impl Catalog {
 
     /// Visits every selected layer with its model (shared handles), in layer-id order.
     pub fn for_each_selected_arc(&self, pred: &Pred, mut f: impl FnMut(&Arc<ModelRecord>, &Arc<CatalogLayer>)) {
-        let mut current: Option<&Arc<ModelRecord>> = None;
+        // A predicate on model fields only is evaluated once per model, not once per layer.
+        let per_model = pred.model_level();
+        let mut current: Option<(&Arc<ModelRecord>, bool)> = None;
         for l in self.layers.values() {
-            if current.is_none_or(|m| m.model_id != l.record.model_id) {
-                current = self.models.get(&l.record.model_id);
+            if current.is_none_or(|(m, _)| m.model_id != l.record.model_id) {
+                current = self.models.get(&l.record.model_id).map(|m| {
+                    (m, per_model && pred.matches(LayerView { model: m, layer: &l.record }))
+                });
             }
-            let Some(m) = current else { continue };
-            if pred.matches(LayerView { model: m, layer: &l.record }) {
+            let Some((m, model_ok)) = current else { continue };
+            if per_model {
+                if model_ok {
+                    f(m, l);
+                }
+            } else if pred.matches(LayerView { model: m, layer: &l.record }) {
                 f(m, l);
             }
         }

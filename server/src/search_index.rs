@@ -81,6 +81,8 @@ pub struct SearchIndexState {
     signal: Arc<Signal>,
     auto: AtomicBool,
     stopping: AtomicBool,
+    /// Resolved selections (see `search.rs`), keyed by the selection's text.
+    pub(crate) plans: Mutex<std::collections::HashMap<String, Arc<crate::search::SelectionPlan>>>,
 }
 
 /// Wakes the builder thread (held apart from the engine so waiting keeps no engine alive).

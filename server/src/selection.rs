@@ -195,6 +195,32 @@ pub fn number(field: Field, v: LayerView<'_>) -> Option<f64> {
 }
 
 impl Pred {
+    /// Whether the predicate reads model fields only (then every layer of a model matches
+    /// alike).
+    pub fn model_level(&self) -> bool {
+        let layer_field = |f: &Field| {
+            matches!(
+                f,
+                Field::ConvDepth
+                    | Field::ConvDepthNorm
+                    | Field::LayerIndex
+                    | Field::InChannels
+                    | Field::OutChannels
+                    | Field::NFilters
+                    | Field::LayerId
+                    | Field::DepthDecile
+                    | Field::DepthDecileFirst
+            )
+        };
+        match self {
+            Pred::True => true,
+            Pred::Match(f, _) => !layer_field(f),
+            Pred::Range { field, .. } => !layer_field(field),
+            Pred::All(items) | Pred::Any(items) => items.iter().all(Pred::model_level),
+            Pred::Not(p) => p.model_level(),
+        }
+    }
+
     /// Evaluates the predicate on one layer.
     pub fn matches(&self, v: LayerView<'_>) -> bool {
         match self {
