@@ -189,6 +189,24 @@ async fn search_approximate_recall_exact_distances_selection_and_maintenance() {
     // a store this small does not amortise (the benchmark reports the figure at scale).
     assert!(st2.bytes_per_filter > 11.0 && st2.bytes_per_filter < 15.0, "bytes per filter {}", st2.bytes_per_filter);
 
+    // The CLI: state, a rebuild with progress, and an approximate query, as JSON.
+    let url = server.url.clone();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(binary("filterdb")).arg("--server").arg(&url).args(args).output().expect("run filterdb");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
+    };
+    let j = cli(&["--json", "search-index"]);
+    assert_eq!(j["entries"], st2.entries);
+    assert_eq!(j["version"], st2.version);
+    let j = cli(&["--json", "search-index", "rebuild"]);
+    assert_eq!((j["version"].as_u64(), j["entries"].as_u64()), (Some(u64::from(st2.version)), Some(st2.entries)), "no retrain: same version");
+    let k = store.rows[5].1.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",");
+    let j = cli(&["--json", "nearest", "--kernel", &k, "--approx", "--nprobe", "8"]);
+    assert_eq!(j["mode"], "approximate");
+    assert_eq!(j["neighbors"][0]["distance"], 0.0);
+    assert!(j["mode_reason"].as_str().unwrap_or("").contains("cells probed"), "{j}");
+
     // Recall against the brute force, exact distances for whatever is returned.
     let qs = queries(&store, 40);
     let mut hits = 0;

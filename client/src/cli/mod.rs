@@ -9,6 +9,7 @@ mod ingest;
 mod jobs;
 mod manifest;
 mod nearest;
+mod search_index;
 mod profile;
 mod render;
 
@@ -82,6 +83,8 @@ pub enum Command {
     Density(analytics::DensityArgs),
     /// The k stored filters nearest to a kernel or a stored filter (exact scan).
     Nearest(nearest::NearestArgs),
+    /// The approximate search index: state, or `rebuild [--retrain]` (admin).
+    SearchIndex(search_index::SearchIndexArgs),
     /// Write a point-in-time Parquet snapshot of the whole database (on the server's host).
     Snapshot(export::SnapshotArgs),
     /// Scheduled-ingestion sources and the state of every item they have seen
@@ -383,6 +386,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::DepthProfile(a) => analytics::depth_profile(&ctx, a).await?,
         Command::Density(a) => analytics::density(&ctx, a).await?,
         Command::Nearest(a) => nearest::nearest(&ctx, a).await?,
+        Command::SearchIndex(a) => search_index::run(&ctx, a).await?,
         Command::Snapshot(a) => export::snapshot(&ctx, a).await?,
         Command::Jobs(a) => jobs::run(&ctx, a).await?,
         Command::Profile(a) => profile::run(&ctx, a).await?,
