@@ -28,7 +28,8 @@
 //! Run: `cargo bench --bench search`. Env: `FILTERDB_BENCH_FILTERS`, `FILTERDB_BENCH_SEED`,
 //! `FILTERDB_BENCH_QUERIES`, `FILTERDB_BENCH_DIR` (work folder; default the system temp dir),
 //! `FILTERDB_BENCH_OUT` (markdown report), `FILTERDB_BENCH_PNG` (curves),
-//! `FILTERDB_BENCH_PYTHON`, `FILTERDB_BENCH_SKIP_PEERS=1`, `FILTERDB_BENCH_KEEP=1`.
+//! `FILTERDB_BENCH_PYTHON`, `FILTERDB_BENCH_SKIP_PEERS=1`, `FILTERDB_BENCH_KEEP=1`,
+//! `FILTERDB_BENCH_NPROBES` (e.g. `1,4,16`), `FILTERDB_BENCH_ONLY` (one selection label).
 
 mod common;
 
@@ -319,12 +320,16 @@ fn run(target: u64, seed: u64, nq: usize, work: &Path) -> anyhow::Result<()> {
             std::array::from_fn(|d| f[d] * (1.0 + 0.1 * qr.normal()))
         })
         .collect();
-    let nprobes = [1usize, 2, 4, 8, 16, 32, 64, 128, 256];
+    let nprobes: Vec<usize> = std::env::var("FILTERDB_BENCH_NPROBES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 4, 8, 16, 32, 64, 128, 256]);
     let mut sel_rows = Vec::new();
     let mut truth_all: Vec<Vec<Vec<u64>>> = Vec::new();
     let mut curves: Vec<Value> = Vec::new();
     let mut id_lists: Vec<Vec<(u64, u64)>> = Vec::new();
-    for (label, expr) in SELECTIONS {
+    let only: Option<String> = std::env::var("FILTERDB_BENCH_ONLY").ok();
+    for (label, expr) in SELECTIONS.iter().filter(|(l, _)| only.as_deref().is_none_or(|o| o == *l)) {
         let sel = selection(&engine, expr)?;
         let (selected, ranges) = engine.with_catalog(|c| {
             let mut n = 0u64;

@@ -233,11 +233,37 @@ impl Quantizer {
         self.centroids.len()
     }
 
-    /// The cell of a filter: nearest coarse centroid, then nearest of its fine centroids.
+    /// The cell of a filter: the nearest fine centroid among those of the three nearest
+    /// coarse centroids (queries probe the truly nearest cells; looking past the nearest coarse
+    /// cluster keeps filters near its border in the cell a query will probe).
     pub fn cell(&self, f: &[f32; 9]) -> usize {
-        let c1 = nearest(f, &self.coarse);
-        let (a, b) = (self.offsets[c1], self.offsets[c1 + 1]);
-        a + nearest(f, &self.centroids[a..b])
+        let mut best3 = [(f32::INFINITY, 0usize); 3];
+        for (i, c) in self.coarse.iter().enumerate() {
+            let d = d2(f, c);
+            if d < best3[2].0 {
+                best3[2] = (d, i);
+                if best3[2].0 < best3[1].0 {
+                    best3.swap(1, 2);
+                    if best3[1].0 < best3[0].0 {
+                        best3.swap(0, 1);
+                    }
+                }
+            }
+        }
+        let mut best = (f32::INFINITY, 0usize);
+        for &(d, c1) in &best3 {
+            if d.is_infinite() && best.0.is_finite() {
+                continue;
+            }
+            let (a, b) = (self.offsets[c1], self.offsets[c1 + 1]);
+            for j in a..b {
+                let d = d2(f, &self.centroids[j]);
+                if d < best.0 {
+                    best = (d, j);
+                }
+            }
+        }
+        best.1
     }
 
     /// The 9-byte code of `f` in cell `c`.

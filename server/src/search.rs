@@ -128,6 +128,8 @@ pub(crate) struct SelectionPlan {
     layers: Vec<(Arc<ModelRecord>, Arc<CatalogLayer>)>,
     /// (first filter id, slot) of the non-empty layers, ascending.
     by_first: Vec<(u64, usize)>,
+    /// Filters in the selected layers.
+    filters: u64,
     /// Ranges over the index, for one index state.
     ann: std::sync::Mutex<Option<Arc<AnnPlan>>>,
 }
@@ -642,7 +644,7 @@ impl Engine {
                 _ => None,
             },
         };
-        let selected: u64 = layers.iter().map(|(_, l)| l.record.n_filters).sum();
+        let selected = sel_plan.filters;
 
         // The approximate path, when asked for and when it applies; otherwise (and for layers
         // the index does not cover yet) the exact scan.
@@ -851,7 +853,8 @@ impl Engine {
         let mut by_first: Vec<(u64, usize)> =
             layers.iter().enumerate().filter(|(_, (_, l))| l.record.n_filters > 0).map(|(s, (_, l))| (l.record.first_filter_id, s)).collect();
         by_first.sort_unstable();
-        let plan = Arc::new(SelectionPlan { generation, layers, by_first, ann: std::sync::Mutex::new(None) });
+        let filters = layers.iter().map(|(_, l)| l.record.n_filters).sum();
+        let plan = Arc::new(SelectionPlan { generation, layers, by_first, filters, ann: std::sync::Mutex::new(None) });
         if cache.len() >= 256 {
             cache.clear();
         }
