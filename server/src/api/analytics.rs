@@ -151,7 +151,7 @@ impl pb::analytics_server::Analytics for AnalyticsService {
         let bins = if r.bins == 0 { 70 } else { r.bins };
         let engine = self.engine.clone();
         let (tx, rx) = mpsc::channel(16);
-        tokio::task::spawn_blocking(move || {
+        super::worker(move || {
             let ptx = tx.clone();
             let progress = move |version: u32, phase: &str, done: u64, total: u64| {
                 // Progress may be dropped when the client reads slowly; the final message is not.
