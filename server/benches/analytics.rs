@@ -1074,7 +1074,7 @@ async fn grpc_round(engine: &Arc<Engine>, nodelay: bool, runs: usize) -> anyhow:
         let mut last = None;
         for _ in 0..100 {
             // The same HTTP/2 windows the filterdb client library uses: the default 64 KiB
-            // window costs round trips on multi-MB answers (LayerQuality is 2.25 MB).
+            // window costs round trips on multi-MB answers (LayerQuality was 2.25 MB).
             match tonic::transport::Endpoint::from_shared(url.clone())?
                 .initial_stream_window_size(Some(8 << 20))
                 .initial_connection_window_size(Some(16 << 20))
@@ -1270,31 +1270,36 @@ fn compare_quality(a: &Answers, d: &Value) -> Check {
     let by_id: HashMap<u64, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
     let mut problems = Vec::new();
     let (mut s_equal, mut worst_h) = (0usize, 0f64);
-    for row in &a.quality.layers {
-        let Some(&i) = by_id.get(&row.layer_id) else {
-            problems.push(format!("layer {} missing in DuckDB", row.layer_id));
+    let q = &a.quality;
+    let n = q.layer_id.len();
+    if [q.n.len(), q.sparsity.len(), q.entropy.len()].iter().any(|&l| l != n) {
+        return Check { ok: false, note: "the server's LayerQuality columns differ in length".into() };
+    }
+    for (k, &layer_id) in q.layer_id.iter().enumerate() {
+        let (row_n, row_s, row_h) = (q.n[k], q.sparsity[k], q.entropy[k]);
+        let Some(&i) = by_id.get(&layer_id) else {
+            problems.push(format!("layer {layer_id} missing in DuckDB"));
             continue;
         };
-        if ns[i] != row.n {
-            problems.push(format!("layer {}: n {} vs {}", row.layer_id, row.n, ns[i]));
+        if ns[i] != row_n {
+            problems.push(format!("layer {layer_id}: n {row_n} vs {}", ns[i]));
         }
         let s = if ns[i] > 0 { sparse[i] as f64 / ns[i] as f64 } else { 0.0 };
-        if s == row.sparsity {
+        if s == row_s {
             s_equal += 1;
         } else if problems.len() < 5 {
-            problems.push(format!("layer {}: S {} vs {s}", row.layer_id, row.sparsity));
+            problems.push(format!("layer {layer_id}: S {row_s} vs {s}"));
         }
-        match (h[i], row.entropy.is_nan()) {
-            (Some(x), false) => worst_h = worst_h.max((x - row.entropy).abs()),
+        match (h[i], row_h.is_nan()) {
+            (Some(x), false) => worst_h = worst_h.max((x - row_h).abs()),
             (None, true) => {}
-            _ => problems.push(format!("layer {}: H {} vs {:?}", row.layer_id, row.entropy, h[i])),
+            _ => problems.push(format!("layer {layer_id}: H {row_h} vs {:?}", h[i])),
         }
     }
-    if ids.len() != a.quality.layers.len() {
-        problems.push(format!("{} server layers vs {} DuckDB layers", a.quality.layers.len(), ids.len()));
+    if ids.len() != n {
+        problems.push(format!("{n} server layers vs {} DuckDB layers", ids.len()));
     }
     let ok = problems.is_empty() && worst_h <= 1e-6;
-    let n = a.quality.layers.len();
     let note = if ok {
         format!("S equal in {}/{} layers, max |ΔH| {worst_h:.1e}", thousands(s_equal as u64), thousands(n as u64))
     } else {
