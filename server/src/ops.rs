@@ -458,13 +458,11 @@ impl http_body::Body for CallBody {
 impl Drop for CallBody {
     fn drop(&mut self) {
         let mut slot = self.call.lock();
+        // Not settled yet: hyper dropped the body before its end (the client reset the stream
+        // or the connection went away). Settling frees the slot and stops the timer.
         self.call.settle(&mut slot, "CANCELLED", ": client went away before the end of the response");
         // Drop the handler's body now: its producer sees a closed channel and stops.
         slot.inner = None;
-        slot.permit = None;
-        if let Some(r) = slot.reaper.take() {
-            r.abort();
-        }
     }
 }
 
