@@ -13,6 +13,7 @@ use filterdb_proto::{
 };
 use serde_json::{Map, Value, json};
 
+use crate::quality::QualityLayer;
 use crate::{ClientError, code_name, kernels::batch_kernels};
 
 /// The lower-case name of a [`Format`] value, as the `format` field of the `--where` syntax uses.
@@ -374,8 +375,31 @@ pub fn drift_matrix_to_json(r: &DriftMatrixResponse) -> Value {
     })
 }
 
-/// One layer's quality metrics; undefined (NaN) metrics are `null`.
+/// One profiled layer's quality metrics (ProfileCheckpoint); undefined (NaN) metrics are `null`.
 pub fn layer_quality_row_to_json(r: &LayerQualityRow) -> Value {
+    json!({
+        "layer_id": r.layer_id,
+        "model_id": r.model_id,
+        "layer_index": r.layer_index,
+        "tensor_name": r.tensor_name,
+        "conv_depth": r.conv_depth,
+        "conv_depth_norm": f64_to_json(r.conv_depth_norm),
+        "n": r.n,
+        "sparsity": f64_to_json(r.sparsity),
+        "entropy": f64_to_json(r.entropy),
+        "entropy_norm": f64_to_json(r.entropy_norm),
+        "entropy_clean": f64_to_json(r.entropy_clean),
+        "entropy_clean_norm": f64_to_json(r.entropy_clean_norm),
+        "orthogonality": f64_to_json(r.orthogonality),
+        "random_like": r.random_like,
+        "low_diversity": r.low_diversity,
+        "sparse_heavy": r.sparse_heavy,
+        "degenerate": r.degenerate,
+    })
+}
+
+/// One layer of a `LayerQuality` answer; undefined (NaN) metrics are `null`.
+pub fn quality_layer_to_json(r: &QualityLayer<'_>) -> Value {
     json!({
         "layer_id": r.layer_id,
         "model_id": r.model_id,
@@ -398,9 +422,11 @@ pub fn layer_quality_row_to_json(r: &LayerQualityRow) -> Value {
     })
 }
 
-/// A `LayerQuality` answer.
-pub fn layer_quality_to_json(r: &LayerQualityResponse) -> Value {
-    json!({ "layers": r.layers.iter().map(layer_quality_row_to_json).collect::<Vec<_>>() })
+/// A `LayerQuality` answer as one object per layer (its columns read back as rows; fails on a
+/// malformed answer, see [`crate::quality::layers`]).
+pub fn layer_quality_to_json(r: &LayerQualityResponse) -> Result<Value, ClientError> {
+    let layers = crate::quality::layers(r)?;
+    Ok(json!({ "layers": layers.iter().map(quality_layer_to_json).collect::<Vec<_>>() }))
 }
 
 /// One model of a degeneration ranking.
@@ -594,18 +620,31 @@ mod tests {
         assert_eq!(d["keys"][1], "b");
 
         let q = layer_quality_to_json(&LayerQualityResponse {
-            layers: vec![LayerQualityRow {
-                model: "m".into(),
-                entropy_clean: f64::NAN,
-                orthogonality: f64::NAN,
-                sparsity: 0.25,
-                degenerate: true,
-                ..Default::default()
-            }],
-        });
+            models: vec![filterdb_proto::LayerQualityModel { model_id: 3, name: "m".into() }],
+            tensor_names: vec!["conv.weight".into()],
+            layer_id: vec![30],
+            model_id: vec![3],
+            layer_index: vec![0],
+            tensor_name_index: vec![0],
+            conv_depth: vec![1],
+            conv_depth_norm: vec![1.0],
+            n: vec![4],
+            sparsity: vec![0.25],
+            entropy: vec![0.5],
+            entropy_norm: vec![0.4],
+            entropy_clean: vec![f64::NAN],
+            entropy_clean_norm: vec![f64::NAN],
+            orthogonality: vec![f64::NAN],
+            random_like: vec![false],
+            low_diversity: vec![true],
+            sparse_heavy: vec![false],
+            degenerate: vec![true],
+        })
+        .unwrap();
         assert_eq!(q["layers"][0]["entropy_clean"], Value::Null);
         assert_eq!(q["layers"][0]["sparsity"], 0.25);
         assert_eq!(q["layers"][0]["degenerate"], true);
+        assert_eq!((q["layers"][0]["model"].as_str(), q["layers"][0]["tensor_name"].as_str()), (Some("m"), Some("conv.weight")));
 
         let dens = density_2d_to_json(&Density2DResponse {
             basis_version: 1,

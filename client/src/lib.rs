@@ -19,6 +19,7 @@ pub mod error;
 pub mod json;
 pub mod kernels;
 pub mod plot;
+pub mod quality;
 
 use std::path::Path;
 use std::time::Duration;

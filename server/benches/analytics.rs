@@ -26,7 +26,11 @@
 //! a quick exactness run), `FILTERDB_BENCH_SEED`, `FILTERDB_BENCH_RUNS`, `FILTERDB_BENCH_DIR`
 //! (where the database and the Parquet file go; default the system temp dir),
 //! `FILTERDB_BENCH_OUT` (markdown report), `FILTERDB_BENCH_PYTHON` (default the project venv),
-//! `FILTERDB_BENCH_KEEP=1` (keep the data), `FILTERDB_BENCH_SKIP_DUCKDB=1`.
+//! `FILTERDB_BENCH_KEEP=1` (keep the data), `FILTERDB_BENCH_SKIP_DUCKDB=1`,
+//! `FILTERDB_BENCH_REUSE=1` (keep the database and Parquet file in
+//! `FILTERDB_BENCH_DIR/filterdb-analytics-bench-<filters>-<seed>` and, when a finished one is
+//! there, time the queries against it instead of building it again; delete the folder after a
+//! change of the store format or of the generator).
 
 mod common;
 
@@ -581,6 +585,21 @@ fn timing(mut ds: Vec<Duration>) -> Timing {
 }
 
 
+/// Protobuf encode and decode of an answer, p50 ms of 20 runs each: the message format's share
+/// of a call (the server encodes once, the client decodes once).
+fn codec_ms<M: Message + Default>(m: &M) -> (f64, f64) {
+    let runs = |f: &dyn Fn()| {
+        timing((0..20).map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        }).collect())
+        .p50
+    };
+    let bytes = m.encode_to_vec();
+    (runs(&|| drop(std::hint::black_box(m.encode_to_vec()))), runs(&|| drop(std::hint::black_box(M::decode(bytes.as_slice())))))
+}
+
 fn env_f64(name: &str) -> Option<f64> {
     std::env::var(name).ok().and_then(|v| v.trim().replace('_', "").parse::<f64>().ok())
 }
@@ -600,7 +619,7 @@ fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -651,13 +670,18 @@ fn main() -> anyhow::Result<()> {
     let runs = env_f64("FILTERDB_BENCH_RUNS").map(|r| r as usize).unwrap_or(30).max(20);
     let keep = std::env::var("FILTERDB_BENCH_KEEP").is_ok_and(|v| v == "1");
     let skip_duckdb = std::env::var("FILTERDB_BENCH_SKIP_DUCKDB").is_ok_and(|v| v == "1");
+    let reuse = std::env::var("FILTERDB_BENCH_REUSE").is_ok_and(|v| v == "1");
     let base = std::env::var_os("FILTERDB_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
-    let work = base.join(format!("filterdb-analytics-bench-{}", std::process::id()));
+    let work = if reuse {
+        base.join(format!("filterdb-analytics-bench-{target}-{seed:x}"))
+    } else {
+        base.join(format!("filterdb-analytics-bench-{}", std::process::id()))
+    };
     std::fs::create_dir_all(&work)?;
     eprintln!("analytics bench: target {target} filters, seed {seed:#x}, data in {}", work.display());
 
-    let result = run(target, seed, runs, skip_duckdb, &work, t_all);
-    if keep {
+    let result = run(target, seed, runs, skip_duckdb, reuse, &work, t_all);
+    if keep || reuse {
         eprintln!("keeping {}", work.display());
     } else {
         let _ = std::fs::remove_dir_all(&work);
@@ -665,7 +689,7 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
-fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, work: &Path, t_all: Instant) -> anyhow::Result<()> {
+fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, reuse: bool, work: &Path, t_all: Instant) -> anyhow::Result<()> {
     // 1. Plan.
     let t = Instant::now();
     let plan = plan(seed, target);
@@ -682,123 +706,139 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, work: &Path, t_al
         t.elapsed()
     );
 
-    // 2. Generate, ingest, export.
+    // 2. Generate, ingest, export (or reuse a finished earlier build).
+    let ready = work.join("READY");
+    let reused = reuse && ready.exists();
+    if reuse && !reused {
+        // An unfinished earlier build: start over.
+        let _ = std::fs::remove_dir_all(work.join("db"));
+    }
     let engine = Arc::new(Engine::open(&work.join("db"))?);
     let parquet_path = work.join("filters.parquet");
-    let schema = parquet_schema();
-    let mut writer = parquet_writer(&parquet_path, schema.clone())?;
     let (mut t_gen, mut t_ingest, mut t_parquet) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let t_build = Instant::now();
-    let mut done_filters = 0u64;
-    let mut next_report = 0.0;
-    for (mi, m) in plan.models.iter().enumerate() {
-        let t = Instant::now();
-        let layers: Vec<Vec<f32>> =
-            (0..m.layers.len()).into_par_iter().map(|li| gen_layer(seed, mi, li, m, &plan.centres)).collect();
-        t_gen += t.elapsed();
-        let t = Instant::now();
-        let extracted = ExtractedModel {
-            format: Format::Onnx,
-            layers: layers
-                .into_iter()
-                .zip(&m.layers)
-                .enumerate()
-                .map(|(li, (filters, lp))| ExtractedLayer {
-                    tensor_name: format!("features.{li}.conv.weight"),
-                    out_channels: lp.out,
-                    in_channels: lp.inp,
-                    groups: Some(if lp.inp == 1 { lp.out } else { 1 }),
-                    conv_depth: lp.conv_depth,
-                    conv_depth_norm: lp.conv_depth_norm,
-                    layer_index: li as u32,
-                    filters,
-                })
-                .collect(),
-            kernel_shape_counts: BTreeMap::from([("3x3".to_string(), m.n_filters())]),
-            depth_definition: DepthDefinition::GraphLongestPath,
-            producer: Some("filterdb analytics bench (synthetic)".into()),
-            opset: Some(13),
-            excluded: Vec::new(),
-        };
-        let sha = hex::encode(Sha256::digest(format!("filterdb-analytics-bench/{seed}/{mi}").as_bytes()));
-        let req = IngestRequest {
-            meta: MetaInput {
-                name: m.name.clone(),
-                training_datasets: vec![m.dataset.to_string()],
-                task: m.task.to_string(),
-                architecture: m.architecture.to_string(),
-                visual_category: m.category.to_string(),
-                ..Default::default()
-            },
-            file_name: format!("{}.onnx", m.name),
-            format: Some(Format::Onnx),
-            sha256: sha,
-            size_bytes: m.n_filters() * 36,
-            on_conflict: NameConflict::Error,
-        };
-        // Export first (the ingest consumes the filters), with the ids the ingest will assign:
-        // ids are dense in allocation order, so they are the catalogue's next ids (checked below).
-        let next = engine.with_catalog(|c| c.next_ids);
-        let meta = engine.normalize_meta(&req.meta)?;
-        t_ingest += t.elapsed();
-        let t = Instant::now();
-        let mut first_filter_id = next.filter;
-        for (li, (lp, l)) in m.layers.iter().zip(&extracted.layers).enumerate() {
-            let batch = layer_batch(
-                &schema,
-                &LayerRows {
-                    first_filter_id,
-                    layer_id: next.layer + li as u64,
-                    model: &m.name,
-                    task: &meta.task.canonical,
-                    category: &meta.visual_category.canonical,
-                    conv_depth: lp.conv_depth,
-                    conv_depth_norm: lp.conv_depth_norm,
-                    filters: &l.filters,
+    if reused {
+        eprintln!("reusing the database and Parquet file of an earlier run in {}", work.display());
+    } else {
+        let schema = parquet_schema();
+        let mut writer = parquet_writer(&parquet_path, schema.clone())?;
+        let mut done_filters = 0u64;
+        let mut next_report = 0.0;
+        for (mi, m) in plan.models.iter().enumerate() {
+            let t = Instant::now();
+            let layers: Vec<Vec<f32>> =
+                (0..m.layers.len()).into_par_iter().map(|li| gen_layer(seed, mi, li, m, &plan.centres)).collect();
+            t_gen += t.elapsed();
+            let t = Instant::now();
+            let extracted = ExtractedModel {
+                format: Format::Onnx,
+                layers: layers
+                    .into_iter()
+                    .zip(&m.layers)
+                    .enumerate()
+                    .map(|(li, (filters, lp))| ExtractedLayer {
+                        tensor_name: format!("features.{li}.conv.weight"),
+                        out_channels: lp.out,
+                        in_channels: lp.inp,
+                        groups: Some(if lp.inp == 1 { lp.out } else { 1 }),
+                        conv_depth: lp.conv_depth,
+                        conv_depth_norm: lp.conv_depth_norm,
+                        layer_index: li as u32,
+                        filters,
+                    })
+                    .collect(),
+                kernel_shape_counts: BTreeMap::from([("3x3".to_string(), m.n_filters())]),
+                depth_definition: DepthDefinition::GraphLongestPath,
+                producer: Some("filterdb analytics bench (synthetic)".into()),
+                opset: Some(13),
+                excluded: Vec::new(),
+            };
+            let sha = hex::encode(Sha256::digest(format!("filterdb-analytics-bench/{seed}/{mi}").as_bytes()));
+            let req = IngestRequest {
+                meta: MetaInput {
+                    name: m.name.clone(),
+                    training_datasets: vec![m.dataset.to_string()],
+                    task: m.task.to_string(),
+                    architecture: m.architecture.to_string(),
+                    visual_category: m.category.to_string(),
+                    ..Default::default()
                 },
-            )?;
-            writer.write(&batch)?;
-            first_filter_id += l.n_filters();
-        }
-        t_parquet += t.elapsed();
-        let t = Instant::now();
-        let (_, rec) = engine.ingest_extracted(extracted, &req, &|_, _, _| {})?;
-        t_ingest += t.elapsed();
-        anyhow::ensure!(
-            rec.first_filter_id == next.filter && rec.first_layer_id == next.layer && rec.name == m.name,
-            "model {}: ids ({}, {}) differ from the exported ({}, {})",
-            m.name,
-            rec.first_layer_id,
-            rec.first_filter_id,
-            next.layer,
-            next.filter
-        );
-        done_filters += m.n_filters();
-        let frac = done_filters as f64 / n_filters as f64;
-        if frac >= next_report {
-            eprintln!(
-                "  {:>3.0}%  {}/{n_models} models, {done_filters} filters, {:.1?} (gen {:.1?}, ingest {:.1?}, parquet {:.1?})",
-                frac * 100.0,
-                mi + 1,
-                t_build.elapsed(),
-                t_gen,
-                t_ingest,
-                t_parquet
+                file_name: format!("{}.onnx", m.name),
+                format: Some(Format::Onnx),
+                sha256: sha,
+                size_bytes: m.n_filters() * 36,
+                on_conflict: NameConflict::Error,
+            };
+            // Export first (the ingest consumes the filters), with the ids the ingest will assign:
+            // ids are dense in allocation order, so they are the catalogue's next ids (checked below).
+            let next = engine.with_catalog(|c| c.next_ids);
+            let meta = engine.normalize_meta(&req.meta)?;
+            t_ingest += t.elapsed();
+            let t = Instant::now();
+            let mut first_filter_id = next.filter;
+            for (li, (lp, l)) in m.layers.iter().zip(&extracted.layers).enumerate() {
+                let batch = layer_batch(
+                    &schema,
+                    &LayerRows {
+                        first_filter_id,
+                        layer_id: next.layer + li as u64,
+                        model: &m.name,
+                        task: &meta.task.canonical,
+                        category: &meta.visual_category.canonical,
+                        conv_depth: lp.conv_depth,
+                        conv_depth_norm: lp.conv_depth_norm,
+                        filters: &l.filters,
+                    },
+                )?;
+                writer.write(&batch)?;
+                first_filter_id += l.n_filters();
+            }
+            t_parquet += t.elapsed();
+            let t = Instant::now();
+            let (_, rec) = engine.ingest_extracted(extracted, &req, &|_, _, _| {})?;
+            t_ingest += t.elapsed();
+            anyhow::ensure!(
+                rec.first_filter_id == next.filter && rec.first_layer_id == next.layer && rec.name == m.name,
+                "model {}: ids ({}, {}) differ from the exported ({}, {})",
+                m.name,
+                rec.first_layer_id,
+                rec.first_filter_id,
+                next.layer,
+                next.filter
             );
-            next_report += 0.1;
+            done_filters += m.n_filters();
+            let frac = done_filters as f64 / n_filters as f64;
+            if frac >= next_report {
+                eprintln!(
+                    "  {:>3.0}%  {}/{n_models} models, {done_filters} filters, {:.1?} (gen {:.1?}, ingest {:.1?}, parquet {:.1?})",
+                    frac * 100.0,
+                    mi + 1,
+                    t_build.elapsed(),
+                    t_gen,
+                    t_ingest,
+                    t_parquet
+                );
+                next_report += 0.1;
+            }
         }
+        let t = Instant::now();
+        writer.close()?;
+        t_parquet += t.elapsed();
     }
-    let t = Instant::now();
-    writer.close()?;
-    t_parquet += t.elapsed();
     let build = t_build.elapsed();
 
     // 3. Pin, flush, sizes, state.
     let t = Instant::now();
-    let basis = engine.pin_basis(&Pred::True, "", BINS, &|_, _, _, _| {})?;
+    let basis = match engine.pinned_basis() {
+        Some(b) if reused => b,
+        _ => engine.pin_basis(&Pred::True, "", BINS, &|_, _, _, _| {})?,
+    };
     let t_pin = t.elapsed();
     eprintln!("pinned basis v{} in {t_pin:.1?} (range {:.4} .. {:.4})", basis.version, basis.range_min, basis.range_max);
     engine.store().flush()?;
+    if reuse && !reused {
+        std::fs::write(&ready, format!("{n_filters} filters, seed {seed:#x}\n"))?;
+    }
     let db_bytes = common::dir_bytes(&work.join("db"));
     let parquet_bytes = std::fs::metadata(&parquet_path)?.len();
     let (stats_max, stats_layer, layers_seen) = engine.with_catalog(|c| {
@@ -889,6 +929,7 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, work: &Path, t_al
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (grpc_ms, answers, sizes_bytes) = rt.block_on(grpc_round(&engine, false, runs))?;
     let (nodelay_ms, _, _) = rt.block_on(grpc_round(&engine, true, runs))?;
+    let codec = [codec_ms(&answers.drift), codec_ms(&answers.basis), codec_ms(&answers.quality), codec_ms(&answers.census)];
     for (i, name) in ["DriftMatrix", "Basis", "LayerQuality", "Census"].iter().enumerate() {
         eprintln!(
             "server {name:<13} p50 {:>9.3} ms  p95 {:>9.3} ms  (TCP_NODELAY p50 {:>9.3} ms, engine only p50 {:>9.3} ms)",
@@ -942,19 +983,21 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, work: &Path, t_al
     }
     writeln!(md)?;
     writeln!(md, "Attribution: the same call on the `Engine` without gRPC, and through gRPC with TCP_NODELAY on the server's listening socket.\n")?;
-    writeln!(md, "| query | engine-only p50 ms | engine-only p95 ms | gRPC + TCP_NODELAY p50 ms | p95 ms | ratio (TCP_NODELAY) | response bytes | p50 goal ≤ {GOAL_MS} ms | ratio goal ≥ {GOAL_RATIO}x |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "| query | engine-only p50 ms | engine-only p95 ms | gRPC + TCP_NODELAY p50 ms | p95 ms | ratio (TCP_NODELAY) | response bytes | protobuf encode / decode ms | p50 goal ≤ {GOAL_MS} ms | ratio goal ≥ {GOAL_RATIO}x |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
     for (i, name) in names.iter().enumerate() {
         let (_, p50_ok, ratio_ok) = goals[i];
         writeln!(
             md,
-            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} |",
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.2} / {:.2} | {} | {} |",
             engine_ms[i].p50,
             engine_ms[i].p95,
             nodelay_ms[i].p50,
             nodelay_ms[i].p95,
             duck_s(keys[i]).map(|s| format!("{:.0}x", s * 1e3 / nodelay_ms[i].p50)).unwrap_or_else(|| "-".into()),
             thousands(sizes_bytes[i] as u64),
+            codec[i].0,
+            codec[i].1,
             if p50_ok { "met" } else { "**missed**" },
             match ratio_ok {
                 Some(true) => "met",
@@ -965,8 +1008,12 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, work: &Path, t_al
     }
     writeln!(md)?;
     let build_s = build.as_secs_f64();
-    writeln!(md, "- Build: {build_s:.1} s for {} filters ({:.2} M filters/s): generation {:.1} s, `Engine::ingest_extracted` {:.1} s, Parquet export {:.1} s.", thousands(n_filters), n_filters as f64 / build_s / 1e6, t_gen.as_secs_f64(), t_ingest.as_secs_f64(), t_parquet.as_secs_f64())?;
-    writeln!(md, "- Pin basis (fit + range pass + 70-bin histograms of every layer): {:.1} s.", t_pin.as_secs_f64())?;
+    if reused {
+        writeln!(md, "- Build and pin: reused from an earlier run (`FILTERDB_BENCH_REUSE=1`, {}).", work.display())?;
+    } else {
+        writeln!(md, "- Build: {build_s:.1} s for {} filters ({:.2} M filters/s): generation {:.1} s, `Engine::ingest_extracted` {:.1} s, Parquet export {:.1} s.", thousands(n_filters), n_filters as f64 / build_s / 1e6, t_gen.as_secs_f64(), t_ingest.as_secs_f64(), t_parquet.as_secs_f64())?;
+        writeln!(md, "- Pin basis (fit + range pass + 70-bin histograms of every layer): {:.1} s.", t_pin.as_secs_f64())?;
+    }
     writeln!(md, "- On disk: RocksDB {} after flush ({} bytes; raw f32 filters are {}), Parquet {} ({} bytes, zstd, row groups of {} rows).", human_bytes(db_bytes), thousands(db_bytes), human_bytes(n_filters * 36), human_bytes(parquet_bytes), thousands(parquet_bytes), thousands(ROW_GROUP_ROWS as u64))?;
     writeln!(
         md,
@@ -1001,10 +1048,10 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, work: &Path, t_al
         std::fs::write(&out, &md)?;
         eprintln!("wrote {}", PathBuf::from(out).display());
     }
-    if let Some(cs) = &checks {
-        if cs.iter().any(|c| !c.ok) {
-            anyhow::bail!("DuckDB and the server disagree (see the table)");
-        }
+    if let Some(cs) = &checks
+        && cs.iter().any(|c| !c.ok)
+    {
+        anyhow::bail!("DuckDB and the server disagree (see the table)");
     }
     Ok(())
 }
@@ -1027,7 +1074,7 @@ async fn grpc_round(engine: &Arc<Engine>, nodelay: bool, runs: usize) -> anyhow:
         let mut last = None;
         for _ in 0..100 {
             // The same HTTP/2 windows the filterdb client library uses: the default 64 KiB
-            // window costs round trips on multi-MB answers (LayerQuality is 2.25 MB).
+            // window costs round trips on multi-MB answers (LayerQuality was 2.25 MB).
             match tonic::transport::Endpoint::from_shared(url.clone())?
                 .initial_stream_window_size(Some(8 << 20))
                 .initial_connection_window_size(Some(16 << 20))
@@ -1223,31 +1270,36 @@ fn compare_quality(a: &Answers, d: &Value) -> Check {
     let by_id: HashMap<u64, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
     let mut problems = Vec::new();
     let (mut s_equal, mut worst_h) = (0usize, 0f64);
-    for row in &a.quality.layers {
-        let Some(&i) = by_id.get(&row.layer_id) else {
-            problems.push(format!("layer {} missing in DuckDB", row.layer_id));
+    let q = &a.quality;
+    let n = q.layer_id.len();
+    if [q.n.len(), q.sparsity.len(), q.entropy.len()].iter().any(|&l| l != n) {
+        return Check { ok: false, note: "the server's LayerQuality columns differ in length".into() };
+    }
+    for (k, &layer_id) in q.layer_id.iter().enumerate() {
+        let (row_n, row_s, row_h) = (q.n[k], q.sparsity[k], q.entropy[k]);
+        let Some(&i) = by_id.get(&layer_id) else {
+            problems.push(format!("layer {layer_id} missing in DuckDB"));
             continue;
         };
-        if ns[i] != row.n {
-            problems.push(format!("layer {}: n {} vs {}", row.layer_id, row.n, ns[i]));
+        if ns[i] != row_n {
+            problems.push(format!("layer {layer_id}: n {row_n} vs {}", ns[i]));
         }
         let s = if ns[i] > 0 { sparse[i] as f64 / ns[i] as f64 } else { 0.0 };
-        if s == row.sparsity {
+        if s == row_s {
             s_equal += 1;
         } else if problems.len() < 5 {
-            problems.push(format!("layer {}: S {} vs {s}", row.layer_id, row.sparsity));
+            problems.push(format!("layer {layer_id}: S {row_s} vs {s}"));
         }
-        match (h[i], row.entropy.is_nan()) {
-            (Some(x), false) => worst_h = worst_h.max((x - row.entropy).abs()),
+        match (h[i], row_h.is_nan()) {
+            (Some(x), false) => worst_h = worst_h.max((x - row_h).abs()),
             (None, true) => {}
-            _ => problems.push(format!("layer {}: H {} vs {:?}", row.layer_id, row.entropy, h[i])),
+            _ => problems.push(format!("layer {layer_id}: H {row_h} vs {:?}", h[i])),
         }
     }
-    if ids.len() != a.quality.layers.len() {
-        problems.push(format!("{} server layers vs {} DuckDB layers", a.quality.layers.len(), ids.len()));
+    if ids.len() != n {
+        problems.push(format!("{n} server layers vs {} DuckDB layers", ids.len()));
     }
     let ok = problems.is_empty() && worst_h <= 1e-6;
-    let n = a.quality.layers.len();
     let note = if ok {
         format!("S equal in {}/{} layers, max |ΔH| {worst_h:.1e}", thousands(s_equal as u64), thousands(n as u64))
     } else {

@@ -542,38 +542,43 @@ impl Engine {
         drop(c);
         // A layer's statistics never change, so its quality for given options is computed once
         // (the 9x9 eigendecompositions are most of the cost) and memoised until it is deleted.
+        // Memoised layers are copied under the read lock, in one sequential pass: a parallel
+        // pass or an intermediate map costs more than it saves once everything is known.
         let key = format!("{opts:?}");
-        let known: HashMap<u64, LayerQuality> = {
+        let mut known: Vec<Option<LayerQuality>> = {
             let memo = self.quality_memo.read().unwrap_or_else(|p| p.into_inner());
             match memo.get(&key) {
-                Some(m) => out.iter().filter_map(|(_, l)| m.get(&l.record.layer_id).map(|q| (l.record.layer_id, q.clone()))).collect(),
-                None => HashMap::new(),
+                Some(m) => out.iter().map(|(_, l)| m.get(&l.record.layer_id).cloned()).collect(),
+                None => vec![None; out.len()],
             }
         };
-        let rows: Vec<QualityRow> = out
-            .into_par_iter()
-            .map(|(model, layer)| {
-                let quality = match known.get(&layer.record.layer_id) {
-                    Some(q) => q.clone(),
-                    None => quality::layer_quality(&layer.stats, opts).map_err(|e| {
+        let missing: Vec<usize> = (0..out.len()).filter(|&i| known[i].is_none()).collect();
+        if !missing.is_empty() {
+            let computed = missing
+                .par_iter()
+                .map(|&i| {
+                    let (model, layer) = &out[i];
+                    quality::layer_quality(&layer.stats, opts).map_err(|e| {
                         EngineError::InvalidArgument(format!("layer {} of `{}`: {e}", layer.record.layer_index, model.name))
-                    })?,
-                };
-                Ok(QualityRow { model, layer, quality })
-            })
-            .collect::<Result<_>>()?;
-        if known.len() < rows.len() {
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
             let mut memo = self.quality_memo.write().unwrap_or_else(|p| p.into_inner());
             // Bounded: options are few in practice; a client cycling through many is not cached.
             if memo.len() >= 16 && !memo.contains_key(&key) {
                 memo.clear();
             }
             let m = memo.entry(key).or_default();
-            for r in &rows {
-                m.entry(r.layer.record.layer_id).or_insert_with(|| r.quality.clone());
+            for (&i, q) in missing.iter().zip(computed) {
+                m.entry(out[i].1.record.layer_id).or_insert_with(|| q.clone());
+                known[i] = Some(q);
             }
         }
-        Ok(rows)
+        Ok(out
+            .into_iter()
+            .zip(known)
+            .filter_map(|((model, layer), quality)| quality.map(|quality| QualityRow { model, layer, quality }))
+            .collect())
     }
 
     /// Models ranked by the share (or count) of degenerate layers.

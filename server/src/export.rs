@@ -631,6 +631,8 @@ fn write_dataset(
     let manifest_json = serde_json::to_string_pretty(&manifest).unwrap_or_default();
     let bytes = manifest.files.iter().map(|f| f.bytes).sum::<u64>() + manifest_json.len() as u64;
     tracing::info!(path = %out.display(), kind, models = manifest.rows.models, layers = manifest.rows.layers, filters = manifest.rows.filters, bytes, "dataset written");
+    metrics::counter!("filterdb_dataset_bytes_total", "kind" => kind.to_string()).increment(bytes);
+    metrics::counter!("filterdb_dataset_filters_total", "kind" => kind.to_string()).increment(manifest.rows.filters);
     Ok(DatasetSummary {
         path: out.to_path_buf(),
         manifest,

@@ -3,6 +3,8 @@
 //!
 //! - **request id**: the client's `x-request-id` (if sane) or a new one; a tracing span
 //!   `rpc{method, request_id}` around the handler, and the id echoed in the response header.
+//!   Handlers enter the same span on their blocking workers (`api::blocking`, `api::worker`), so
+//!   engine log lines carry the id too.
 //! - **auth**: `authorization: Bearer <token>`, the SHA-256 of the token looked up in the
 //!   configured tokens; the method's required role ([`required_role`]) checked. Missing or
 //!   unknown token → UNAUTHENTICATED, too small a role → PERMISSION_DENIED, both naming the role
@@ -10,25 +12,33 @@
 //!   finer rules (ProfileCheckpoint with `store = true` needs write). `grpc.health.v1` and
 //!   reflection stay open: probes need health, and reflection only describes the public
 //!   contract. With no tokens configured, auth is off and every caller is admin.
-//! - **load shedding**: at most `max_concurrent_requests` calls in their handler at once; more
-//!   are refused at once with RESOURCE_EXHAUSTED (clients retry with backoff).
-//! - **deadlines**: the client's `grpc-timeout`, capped by the server-wide request timeout,
-//!   answered with DEADLINE_EXCEEDED. tonic's own timeout (outside this layer) would answer
-//!   CANCELLED "Timeout expired"; this layer fires a little earlier so clients see the spec code.
-//! - **metrics**: `filterdb_rpc_requests_total{method,code}` and
-//!   `filterdb_rpc_duration_seconds{method}`.
-//!
-//! Limitation: a layer sees a call until its response headers. For server-streaming calls the
-//! permit, deadline and status code cover the handler (planning and the first checks); the
-//! stream itself then runs to its end (its errors travel in trailers).
+//! - **load shedding**: at most `max_concurrent_requests` calls at once; more are refused at once
+//!   with RESOURCE_EXHAUSTED (clients retry with backoff). A call holds its slot until its
+//!   response body ends or is dropped, so an open server stream counts as a running call.
+//! - **deadlines**: the client's `grpc-timeout`, capped by the server-wide request timeout (which
+//!   spares `grpc.health.v1.Health/Watch`, a stream meant to stay open), covers the whole call:
+//!   the handler is answered with DEADLINE_EXCEEDED, and a response stream still running at the
+//!   deadline is cut: its body (and with it the handler's producer) is dropped at once, and the
+//!   stream ends with a DEADLINE_EXCEEDED trailer. tonic's own timeout (outside this layer)
+//!   would answer CANCELLED "Timeout expired" and only before the headers; this layer fires a
+//!   little earlier so clients see the spec code.
+//! - **metrics**: recorded when the response ends, with the status of its trailers (CANCELLED
+//!   when the client goes away first): `filterdb_rpc_requests_total{method,code}`,
+//!   `filterdb_rpc_duration_seconds{method}` (to the end of the stream) and
+//!   `filterdb_rpc_sent_bytes_total{method}` (gRPC message bytes sent, e.g. Flight exports).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures::task::AtomicWaker;
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::sync::OwnedSemaphorePermit;
 use tonic::Status;
+use tonic::codegen::Bytes;
 use tonic::codegen::http::{self, HeaderValue};
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -58,7 +68,7 @@ pub struct OpsConfig {
     pub tokens: Vec<TokenConfig>,
     /// Server-wide cap on a call's duration.
     pub request_timeout: Option<Duration>,
-    /// Calls in their handler at once (0: no limit).
+    /// Calls running at once, streams until their end (0: no limit).
     pub max_concurrent_requests: usize,
 }
 
@@ -263,6 +273,199 @@ fn record(method: &str, code: &'static str, started: Instant) {
         .record(started.elapsed().as_secs_f64());
 }
 
+/// The grpc-status a header map (response headers of a trailers-only answer, or trailers)
+/// carries; tonic's own timeout (CANCELLED "Timeout expired") counts as DEADLINE_EXCEEDED.
+fn status_code(headers: &http::HeaderMap) -> Option<&'static str> {
+    let s = tonic::Status::from_header_map(headers)?;
+    Some(if s.code() == tonic::Code::Cancelled && s.message() == "Timeout expired" {
+        "DEADLINE_EXCEEDED"
+    } else {
+        code_name(s.code())
+    })
+}
+
+/// One call whose response is streaming: what the end of the body must settle.
+struct Call {
+    method: String,
+    started: Instant,
+    span: tracing::Span,
+    /// The task polling the body, woken when the deadline cuts it.
+    waker: AtomicWaker,
+    slot: Mutex<Slot>,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// The handler's body; dropped at the end, on a deadline, or with the wrapper.
+    inner: Option<tonic::body::Body>,
+    /// The load-shedding slot, released when the call is settled.
+    permit: Option<OwnedSemaphorePermit>,
+    /// The deadline timer, if any.
+    reaper: Option<tokio::task::JoinHandle<()>>,
+    /// The recorded outcome; `Some` once settled.
+    outcome: Option<&'static str>,
+    /// Trailers still to send in place of the rest of the stream (set by the deadline).
+    cut: Option<http::HeaderMap>,
+    /// Message bytes sent so far.
+    sent: u64,
+}
+
+impl Call {
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the outcome once, and frees the call's slot and timer.
+    fn settle(&self, slot: &mut Slot, code: &'static str, why: &str) {
+        if slot.outcome.is_some() {
+            return;
+        }
+        slot.outcome = Some(code);
+        record(&self.method, code, self.started);
+        metrics::counter!("filterdb_rpc_sent_bytes_total", "method" => self.method.clone()).increment(slot.sent);
+        let elapsed_ms = self.started.elapsed().as_millis() as u64;
+        let _e = self.span.enter();
+        if code == "OK" {
+            tracing::debug!(elapsed_ms, sent_bytes = slot.sent, "call answered");
+        } else {
+            tracing::info!(code, elapsed_ms, sent_bytes = slot.sent, "call failed{why}");
+        }
+        slot.permit = None;
+        if let Some(r) = slot.reaper.take() {
+            r.abort();
+        }
+    }
+
+    /// The deadline passed with the stream still running: drop the handler's body (its producer
+    /// sees a closed channel and stops), settle the call, and queue the DEADLINE_EXCEEDED trailer.
+    fn expire(&self, limit: Duration) {
+        let mut slot = self.lock();
+        slot.reaper = None; // this is the timer's own task
+        if slot.outcome.is_some() {
+            return;
+        }
+        slot.inner = None;
+        let status = Status::deadline_exceeded(format!(
+            "{}: deadline of {} ms exceeded while streaming the response",
+            self.method,
+            limit.as_millis()
+        ));
+        let mut trailers = http::HeaderMap::new();
+        if status.add_header(&mut trailers).is_err() {
+            trailers.insert("grpc-status", HeaderValue::from(tonic::Code::DeadlineExceeded as i32));
+        }
+        slot.cut = Some(trailers);
+        self.settle(&mut slot, "DEADLINE_EXCEEDED", ": deadline exceeded mid-stream");
+        drop(slot);
+        self.waker.wake();
+    }
+}
+
+/// A response body that holds the call's load-shedding slot until it ends, records the call's
+/// metrics from its trailers, and ends the stream at the call's deadline.
+pub struct CallBody {
+    call: Arc<Call>,
+}
+
+impl CallBody {
+    fn new(
+        inner: tonic::body::Body,
+        method: String,
+        started: Instant,
+        permit: Option<OwnedSemaphorePermit>,
+        deadline: Option<Duration>,
+    ) -> CallBody {
+        let call = Arc::new(Call {
+            method,
+            started,
+            span: tracing::Span::current(),
+            waker: AtomicWaker::new(),
+            slot: Mutex::new(Slot { inner: Some(inner), permit, ..Default::default() }),
+        });
+        if let Some(limit) = deadline {
+            // A timer task rather than a timer polled by the body: a client that stops reading
+            // fills the flow-control window, and hyper then stops polling the body at all.
+            let weak = Arc::downgrade(&call);
+            let at = tokio::time::Instant::from_std(started + limit);
+            let reaper = tokio::spawn(async move {
+                tokio::time::sleep_until(at).await;
+                if let Some(call) = weak.upgrade() {
+                    call.expire(limit);
+                }
+            });
+            call.lock().reaper = Some(reaper);
+        }
+        CallBody { call }
+    }
+}
+
+impl http_body::Body for CallBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let call = &self.call;
+        call.waker.register(cx.waker());
+        let mut slot = call.lock();
+        if let Some(trailers) = slot.cut.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        let Some(inner) = slot.inner.as_mut() else { return Poll::Ready(None) };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    slot.sent += data.len() as u64;
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    // A stream missing grpc-status is reported by clients as an error.
+                    let code = status_code(trailers).unwrap_or("UNKNOWN");
+                    call.settle(&mut slot, code, "");
+                    slot.inner = None;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(status))) => {
+                call.settle(&mut slot, code_name(status.code()), ": response body failed");
+                slot.inner = None;
+                Poll::Ready(Some(Err(status)))
+            }
+            Poll::Ready(None) => {
+                // Ended without trailers: clients see no status, an error on their side.
+                call.settle(&mut slot, "UNKNOWN", ": response ended without a status");
+                slot.inner = None;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let slot = self.call.lock();
+        match &slot.inner {
+            Some(b) => b.is_end_stream(),
+            None => slot.cut.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let slot = self.call.lock();
+        match &slot.inner {
+            Some(b) if slot.cut.is_none() => b.size_hint(),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for CallBody {
+    fn drop(&mut self) {
+        let mut slot = self.call.lock();
+        // Not settled yet: hyper dropped the body before its end (the client reset the stream
+        // or the connection went away). Settling frees the slot and stops the timer.
+        self.call.settle(&mut slot, "CANCELLED", ": client went away before the end of the response");
+        // Drop the handler's body now: its producer sees a closed channel and stops.
+        slot.inner = None;
+    }
+}
+
 impl<S, B> Service<http::Request<B>> for OpsService<S>
 where
     S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
@@ -312,7 +515,7 @@ where
                         return Ok(status_response(s, &request_id));
                     }
                 };
-                let _permit = match &state.permits {
+                let permit = match &state.permits {
                     Some(sem) if required_role(&path).is_some() => match sem.clone().try_acquire_owned() {
                         Ok(p) => Some(p),
                         Err(_) => {
@@ -334,7 +537,9 @@ where
                     .and_then(parse_grpc_timeout);
                 // Fire before tonic's own timer (same deadline, started earlier, outside us).
                 let client = client.map(|d| d.saturating_sub((d / 20).min(Duration::from_millis(20)) + Duration::from_millis(1)));
-                let timeout = match (client, state.request_timeout) {
+                // Health watches are long-lived by design: only a client deadline ends them.
+                let server_cap = state.request_timeout.filter(|_| path != "/grpc.health.v1.Health/Watch");
+                let timeout = match (client, server_cap) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
@@ -357,31 +562,28 @@ where
                     },
                     None => fut.await,
                 };
-                match result {
-                    Ok(mut resp) => {
-                        let code = match tonic::Status::from_header_map(resp.headers()) {
-                            Some(s) if s.code() == tonic::Code::Cancelled && s.message() == "Timeout expired" => {
-                                "DEADLINE_EXCEEDED"
-                            }
-                            Some(s) => code_name(s.code()),
-                            None => "OK",
-                        };
-                        if code != "OK" {
-                            tracing::info!(code, elapsed_ms = started.elapsed().as_millis() as u64, "call failed");
-                        } else {
-                            tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "call answered");
-                        }
-                        record(&method, code, started);
-                        if let Ok(v) = HeaderValue::from_str(&request_id) {
-                            resp.headers_mut().insert(REQUEST_ID_HEADER, v);
-                        }
-                        Ok(resp)
-                    }
+                let mut resp = match result {
+                    Ok(resp) => resp,
                     Err(e) => {
                         record(&method, "INTERNAL", started);
-                        Err(e)
+                        return Err(e);
                     }
+                };
+                if let Ok(v) = HeaderValue::from_str(&request_id) {
+                    resp.headers_mut().insert(REQUEST_ID_HEADER, v);
                 }
+                // A trailers-only answer (the handler failed) or an empty body: settled now.
+                if let Some(code) = status_code(resp.headers()).or(resp.body().is_end_stream().then_some("OK")) {
+                    if code != "OK" {
+                        tracing::info!(code, elapsed_ms = started.elapsed().as_millis() as u64, "call failed");
+                    }
+                    record(&method, code, started);
+                    return Ok(resp);
+                }
+                // Otherwise the call lasts as long as its body (a stream, or one message).
+                let (parts, body) = resp.into_parts();
+                let body = CallBody::new(body, method, started, permit, timeout);
+                Ok(http::Response::from_parts(parts, tonic::body::Body::new(body)))
             }
             .instrument(span),
         )
@@ -409,7 +611,11 @@ pub fn install_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     );
     metrics::describe_histogram!(
         "filterdb_rpc_duration_seconds",
-        "gRPC handler latency by method"
+        "gRPC call latency by method, to the end of the response stream"
+    );
+    metrics::describe_counter!(
+        "filterdb_rpc_sent_bytes_total",
+        "gRPC message bytes sent by method (Flight exports, GetFilters, progress streams)"
     );
     metrics::describe_counter!(
         "filterdb_ingest_bytes_total",
@@ -423,6 +629,18 @@ pub fn install_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     metrics::describe_counter!(
         "filterdb_get_filters_rows_total",
         "filters streamed by GetFilters"
+    );
+    metrics::describe_counter!(
+        "filterdb_flight_rows_total",
+        "filter rows sent by Arrow Flight DoGet (its bytes: filterdb_rpc_sent_bytes_total)"
+    );
+    metrics::describe_counter!(
+        "filterdb_dataset_bytes_total",
+        "bytes of snapshot/export datasets written (Parquet files + manifest), by kind"
+    );
+    metrics::describe_counter!(
+        "filterdb_dataset_filters_total",
+        "filters written into snapshot/export datasets, by kind"
     );
     metrics::describe_gauge!(
         "filterdb_rocksdb_property",

@@ -2,8 +2,10 @@
 //! tests/fixtures/make_expected_quality.py, or a brute-force recomputation here from the raw
 //! filters numpy wrote.
 
+use filterdb_client::quality::{self, QualityLayer};
 use filterdb_proto as pb;
 use pb::analytics_client::AnalyticsClient;
+use prost::Message;
 use tonic::transport::Channel;
 
 use crate::harness::*;
@@ -94,12 +96,12 @@ async fn basis_and_layer_quality_equal_numpy() {
         let originals: Vec<&serde_json::Value> =
             q["layers"].as_array().unwrap().iter().filter(|l| l["variant"] == "original").collect();
         let sel = Some(pb::Selection { expr: format!("model = {name}"), ..Default::default() });
-        let rows = a
+        let answer = a
             .layer_quality(pb::LayerQualityRequest { selection: sel.clone(), ..Default::default() })
             .await
             .unwrap()
-            .into_inner()
-            .layers;
+            .into_inner();
+        let rows = quality::layers(&answer).unwrap();
         assert_eq!(rows.len(), originals.len(), "{file}");
         for (r, w) in rows.iter().zip(&originals) {
             let ctx = format!("{file} {}", r.tensor_name);
@@ -119,9 +121,8 @@ async fn basis_and_layer_quality_equal_numpy() {
             })
             .await
             .unwrap()
-            .into_inner()
-            .layers;
-        for (r, w) in robust.iter().zip(&originals) {
+            .into_inner();
+        for (r, w) in quality::layers(&robust).unwrap().iter().zip(&originals) {
             let ctx = format!("{file} {} (robustness variant)", r.tensor_name);
             close(&format!("{ctx} H scaled"), r.entropy, w["H_scaled"].as_f64().unwrap(), 1e-9);
             close(&format!("{ctx} H clean"), r.entropy_clean, w["H_robust"].as_f64().unwrap(), 1e-9);
@@ -332,14 +333,22 @@ async fn ranking_profile_and_compare_bases_are_consistent_with_layer_quality() {
     let dir = tempfile::tempdir().unwrap();
     let server = setup(dir.path()).await;
     let mut a = analytics(&server).await;
-    let rows = a.layer_quality(pb::LayerQualityRequest::default()).await.unwrap().into_inner().layers;
-    // The second call is answered from the per-layer memo: identical rows.
-    let again = a.layer_quality(pb::LayerQualityRequest::default()).await.unwrap().into_inner().layers;
-    assert_eq!(again, rows);
+    let answer = a.layer_quality(pb::LayerQualityRequest::default()).await.unwrap().into_inner();
+    let rows = quality::layers(&answer).unwrap();
+    // The second call is answered from the per-layer memo: an identical answer, bit for bit.
+    let again = a.layer_quality(pb::LayerQualityRequest::default()).await.unwrap().into_inner();
+    assert!(again.encode_to_vec() == answer.encode_to_vec(), "the memoised answer differs");
+    // Each model and each distinct tensor name is sent once.
+    let ids: std::collections::BTreeSet<u64> = rows.iter().map(|r| r.model_id).collect();
+    let names: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.tensor_name).collect();
+    assert_eq!(answer.models.len(), 3);
+    assert_eq!(answer.models.iter().map(|m| m.model_id).collect::<std::collections::BTreeSet<_>>(), ids);
+    assert_eq!(answer.tensor_names.len(), names.len());
+    assert!(names.len() < rows.len(), "the fixtures share tensor names: {names:?}");
     let ranking = a.degeneration_ranking(pb::DegenerationRankingRequest::default()).await.unwrap().into_inner().models;
     assert_eq!(ranking.len(), 3);
     for m in &ranking {
-        let mine: Vec<&pb::LayerQualityRow> = rows.iter().filter(|r| r.model == m.model).collect();
+        let mine: Vec<&QualityLayer> = rows.iter().filter(|r| r.model == m.model).collect();
         let flagged = mine.iter().filter(|r| r.degenerate).count() as u32;
         assert_eq!((m.layers as usize, m.degenerate_layers), (mine.len(), flagged), "{}", m.model);
         let n: f64 = mine.iter().map(|r| r.n as f64).sum();
@@ -355,7 +364,7 @@ async fn ranking_profile_and_compare_bases_are_consistent_with_layer_quality() {
         .into_inner();
     // Each cell is the filter-weighted mean H of its layers.
     for cell in &p.cells {
-        let mine: Vec<&pb::LayerQualityRow> = rows
+        let mine: Vec<&QualityLayer> = rows
             .iter()
             .filter(|r| {
                 r.model == cell.model && {
@@ -423,18 +432,18 @@ async fn profile_checkpoint_finds_its_twin_and_matches_layer_quality() {
     assert!(p.drift.windows(2).all(|w| w[0].d <= w[1].d), "most similar first");
     assert_eq!(p.drift[0].d, 0.0);
     assert!(p.stored.is_none());
-    let stored_rows = a
+    let stored = a
         .layer_quality(pb::LayerQualityRequest {
             selection: Some(pb::Selection { expr: "model = zip".into(), ..Default::default() }),
             ..Default::default()
         })
         .await
         .unwrap()
-        .into_inner()
-        .layers;
+        .into_inner();
+    let stored_rows = quality::layers(&stored).unwrap();
     assert_eq!(p.layers.len(), stored_rows.len());
     for (x, y) in p.layers.iter().zip(&stored_rows) {
-        assert_eq!((x.tensor_name.as_str(), x.n), (y.tensor_name.as_str(), y.n));
+        assert_eq!((x.tensor_name.as_str(), x.n), (y.tensor_name, y.n));
         assert_eq!(x.sparsity, y.sparsity);
         assert_eq!(x.entropy.to_bits(), y.entropy.to_bits());
         assert_eq!(x.orthogonality.to_bits(), y.orthogonality.to_bits());
@@ -455,5 +464,54 @@ async fn profile_checkpoint_finds_its_twin_and_matches_layer_quality() {
     let p = a.profile_checkpoint(tokio_stream::iter(msgs)).await.unwrap().into_inner();
     assert_eq!(p.stored.unwrap().outcome, pb::IngestOutcome::Created as i32);
     assert_eq!(totals(&mut c).await.0, 4);
+    server.stop().await;
+}
+
+/// Runs the `filterdb` CLI against a server: success, stdout, stderr.
+async fn filterdb_cli(url: &str, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(binary("filterdb"));
+    cmd.arg("--server").arg(url).args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run filterdb")).await.unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quality_and_degenerate_cli_name_the_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = setup(dir.path()).await;
+    let mut a = analytics(&server).await;
+    let answer = a.layer_quality(pb::LayerQualityRequest::default()).await.unwrap().into_inner();
+    let rows = quality::layers(&answer).unwrap();
+    let names = ["zip", "onnx", "f64"];
+
+    // The table: a model column with each model's name (the answer sends each name once).
+    let (ok, out, err) = filterdb_cli(&server.url, &["quality", "--where", "layer_id >= 0"]).await;
+    assert!(ok, "{out}\n{err}");
+    let cells = |name: &str| out.lines().filter(|l| l.contains(&format!(" {name} "))).count();
+    for name in names {
+        let want = rows.iter().filter(|r| r.model == name).count();
+        assert!(want > 0 && cells(name) == want, "{name}: {} table lines, {want} layers:\n{out}", cells(name));
+    }
+    assert!(out.contains(&format!("of {} layers degenerate", rows.len())), "{out}");
+
+    // JSON: one object per layer, with its model's id and name and its tensor name.
+    let (ok, out, err) = filterdb_cli(&server.url, &["--json", "quality", "--where", "layer_id >= 0"]).await;
+    assert!(ok, "{out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let layers = v["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), rows.len());
+    for (j, r) in layers.iter().zip(&rows) {
+        assert_eq!(j["layer_id"].as_u64(), Some(r.layer_id));
+        assert_eq!((j["model_id"].as_u64(), j["model"].as_str()), (Some(r.model_id), Some(r.model)));
+        assert_eq!(j["tensor_name"].as_str(), Some(r.tensor_name));
+        assert_eq!(j["n"].as_u64(), Some(r.n));
+    }
+
+    // The ranking names every model.
+    let (ok, out, err) = filterdb_cli(&server.url, &["degenerate"]).await;
+    assert!(ok, "{out}\n{err}");
+    for name in names {
+        assert!(out.lines().any(|l| l.contains(&format!(" {name} "))), "{name} missing:\n{out}");
+    }
     server.stop().await;
 }

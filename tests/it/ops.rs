@@ -571,13 +571,23 @@ struct Bin {
 
 impl Bin {
     fn start(args: &[&str], env: &[(&str, &str)]) -> Bin {
+        Bin::spawn(args, env, "warn", Stdio::null())
+    }
+
+    /// Started with `RUST_LOG=info`, its log (plain text, on stdout) written to `log`.
+    fn start_logging(args: &[&str], log: &Path) -> Bin {
+        let file = std::fs::File::create(log).expect("create log file");
+        Bin::spawn(args, &[("NO_COLOR", "1")], "info", Stdio::from(file))
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &str)], rust_log: &str, stdout: Stdio) -> Bin {
         let port = free_port();
         let child = Command::new(target_bin("filterdb-server"))
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(args)
             .envs(env.iter().copied())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            .env("RUST_LOG", rust_log)
+            .stdout(stdout)
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn server");
@@ -1059,4 +1069,291 @@ async fn ops_shipped_deploy_config_starts_and_serves_health() {
     assert!(dir.path().join("db").exists(), "data dir overridden");
     bin.signal("-TERM");
     assert!(bin.wait(Duration::from_secs(40)).success());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server streams under the ops layer: slots, deadlines and metrics last until the stream ends.
+
+/// Filters of the model `big_model` ingests: 8 layers of 256 × 256.
+const BIG_FILTERS: u64 = 8 * 65_536;
+
+/// Ingests "big" (8 × 65,536 filters, 18.9 MB as f32): a GetFilters stream of it in batches of
+/// 512 is 1,024 messages, far more than the HTTP/2 windows hold, so a client that stops reading
+/// holds the stream open.
+async fn big_model(ch: &Channel) {
+    let mut fdb = FilterDbClient::new(ch.clone()).max_encoding_message_size(64 << 20);
+    ingest_bytes(
+        &mut fdb,
+        meta("big", "imagenet", "Classification", "vgg"),
+        "big.safetensors",
+        crate::crash::big_safetensors(8, 3),
+        pb::NameConflict::Error,
+    )
+    .await
+    .expect("ingest big");
+}
+
+fn big_filters_request(timeout: Option<Duration>) -> tonic::Request<pb::GetFiltersRequest> {
+    let mut r = tonic::Request::new(pb::GetFiltersRequest {
+        target: Some(pb::get_filters_request::Target::Model(pb::ModelFilters {
+            model: Some(by_name("big")),
+            ..Default::default()
+        })),
+        batch_size: 512,
+    });
+    if let Some(t) = timeout {
+        r.set_timeout(t);
+    }
+    r
+}
+
+/// Reads a stream to its end: filters received, and the status it ended with.
+async fn drain(s: &mut tonic::Streaming<pb::FilterBatch>, mut got: u64) -> (u64, Code, String) {
+    loop {
+        match s.message().await {
+            Ok(Some(b)) => got += u64::from(b.count),
+            Ok(None) => return (got, Code::Ok, String::new()),
+            Err(e) => return (got, e.code(), e.message().to_string()),
+        }
+    }
+}
+
+/// ListModels until it is answered (the slot of a dropped stream frees asynchronously).
+async fn list_models_within(fdb: &mut FilterDbClient<Channel>, limit: Duration) -> Result<(), tonic::Status> {
+    let until = Instant::now() + limit;
+    loop {
+        match fdb.list_models(pb::ListModelsRequest::default()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.code() == Code::ResourceExhausted && Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_concurrency_slot_held_until_a_stream_ends_or_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        ops: OpsConfig { max_concurrent_requests: 1, ..Default::default() },
+        ..Default::default()
+    };
+    let server = OpsServer::start(dir.path(), config).await;
+    let ch = server.channel().await;
+    big_model(&ch).await;
+    let mut fdb = FilterDbClient::new(ch.clone()).max_decoding_message_size(64 << 20);
+
+    // An open stream holds the only slot: another call is shed.
+    let mut s = fdb.clone().get_filters(big_filters_request(None)).await.expect("stream").into_inner();
+    let first = s.message().await.expect("first batch").expect("a batch");
+    let e = fdb.list_models(pb::ListModelsRequest::default()).await.expect_err("shed while streaming");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("max_concurrent_requests"), "{}", e.message());
+    // Read to the end: the slot is free once the trailers are out (no retry needed).
+    let (got, code, msg) = drain(&mut s, u64::from(first.count)).await;
+    assert_eq!((got, code), (BIG_FILTERS, Code::Ok), "{msg}");
+    fdb.list_models(pb::ListModelsRequest::default()).await.expect("slot free after the stream ended");
+
+    // A stream the client drops (RST_STREAM) frees the slot too.
+    let mut s = fdb.clone().get_filters(big_filters_request(None)).await.expect("stream").into_inner();
+    s.message().await.expect("first batch").expect("a batch");
+    let e = fdb.list_models(pb::ListModelsRequest::default()).await.expect_err("shed while streaming");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    drop(s);
+    list_models_within(&mut fdb, Duration::from_secs(5)).await.expect("slot free after the client dropped the stream");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_deadline_cuts_a_server_stream_mid_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        ops: OpsConfig { max_concurrent_requests: 1, ..Default::default() },
+        ..Default::default()
+    };
+    let server = OpsServer::start(dir.path(), config).await;
+    let ch = server.channel().await;
+    big_model(&ch).await;
+    let mut fdb = FilterDbClient::new(ch.clone()).max_decoding_message_size(64 << 20);
+
+    // A 1 s deadline on a stream the client then stops reading for 2.5 s (it would take
+    // minutes at this pace). Once the client drains what was buffered, the stream ends with
+    // DEADLINE_EXCEEDED, well short of all filters.
+    let t = Instant::now();
+    let mut s = fdb
+        .clone()
+        .get_filters(big_filters_request(Some(Duration::from_secs(1))))
+        .await
+        .expect("stream")
+        .into_inner();
+    let first = s.message().await.expect("first batch").expect("a batch");
+    let e = fdb.list_models(pb::ListModelsRequest::default()).await.expect_err("shed before the deadline");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(t.elapsed())).await;
+    // The deadline dropped the stream's body and slot although the client never read on.
+    fdb.list_models(pb::ListModelsRequest::default()).await.expect("slot freed by the deadline");
+    let (got, code, msg) = drain(&mut s, u64::from(first.count)).await;
+    eprintln!("deadline: {got} of {BIG_FILTERS} filters, then {code:?} `{msg}` after {:?}", t.elapsed());
+    assert_eq!(code, Code::DeadlineExceeded, "{msg}");
+    assert!(msg.contains("deadline") && msg.contains("GetFilters"), "{msg}");
+    assert!(got >= u64::from(first.count) && got < BIG_FILTERS / 2, "cut mid-stream: {got} filters");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+
+    // A deadline the stream meets changes nothing.
+    let (got, code, msg) = {
+        let mut s = fdb
+            .clone()
+            .get_filters(big_filters_request(Some(Duration::from_secs(60))))
+            .await
+            .expect("stream")
+            .into_inner();
+        drain(&mut s, 0).await
+    };
+    assert_eq!((got, code), (BIG_FILTERS, Code::Ok), "{msg}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_metrics_count_streams_with_their_final_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let mport = free_port();
+    let mut bin = Bin::start(
+        &["--data-dir", dir.path().to_str().unwrap(), "--metrics-listen", &format!("127.0.0.1:{mport}")],
+        &[],
+    );
+    let ch = bin.channel().await;
+    big_model(&ch).await;
+    let mut fdb = FilterDbClient::new(ch.clone())
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+
+    // Ingest answers with a stream: a wrong checksum ends it with an INVALID_ARGUMENT trailer
+    // after the response headers (and a progress message) went out.
+    let bytes = std::fs::read(fixture("tinynet.safetensors")).unwrap();
+    let msgs = vec![
+        pb::IngestRequest {
+            part: Some(pb::ingest_request::Part::Header(pb::IngestHeader {
+                meta: Some(meta("bad", "imagenet", "Classification", "vgg")),
+                file_name: "tinynet.safetensors".into(),
+                total_bytes: bytes.len() as u64,
+                expected_sha256: "00".repeat(32),
+                ..Default::default()
+            })),
+        },
+        pb::IngestRequest { part: Some(pb::ingest_request::Part::Chunk(bytes)) },
+    ];
+    let mut s = fdb.ingest(tokio_stream::iter(msgs)).await.expect("headers of the ingest stream").into_inner();
+    let e = loop {
+        match s.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the ingest stream ended without the checksum error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // A stream read slowly: its latency runs to its end (> 1.2 s), not to its headers.
+    let mut s = fdb.clone().get_filters(big_filters_request(None)).await.expect("stream").into_inner();
+    let first = s.message().await.expect("first").expect("a batch");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (got, code, _) = drain(&mut s, u64::from(first.count)).await;
+    assert_eq!((got, code), (BIG_FILTERS, Code::Ok));
+    // A stream the client drops: CANCELLED.
+    let mut s = fdb.clone().get_filters(big_filters_request(None)).await.expect("stream").into_inner();
+    s.message().await.expect("first").expect("a batch");
+    drop(s);
+    // A stream cut by its deadline: DEADLINE_EXCEEDED.
+    let mut s = fdb
+        .clone()
+        .get_filters(big_filters_request(Some(Duration::from_millis(500))))
+        .await
+        .expect("stream")
+        .into_inner();
+    s.message().await.expect("first").expect("a batch");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(drain(&mut s, 0).await.1, Code::DeadlineExceeded);
+
+    let ingest = "method=\"filterdb.v1.FilterDb/Ingest\"";
+    let get = "method=\"filterdb.v1.FilterDb/GetFilters\"";
+    // The dropped stream is settled when the server sees the reset: scrape until it shows.
+    let until = Instant::now() + Duration::from_secs(10);
+    let (text, s) = loop {
+        let text = http_get(mport, "/metrics").expect("scrape");
+        let s = samples(&text);
+        let cancelled = s.iter().any(|(n, l, _)| n == "filterdb_rpc_requests_total" && l.contains(get) && l.contains("code=\"CANCELLED\""));
+        if cancelled || Instant::now() > until {
+            break (text, s);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let find = |name: &str, needles: &[&str]| {
+        s.iter()
+            .find(|(n, l, _)| n == name && needles.iter().all(|x| l.contains(x)))
+            .map(|x| x.2)
+    };
+    let count = |method: &str, code: &str| find("filterdb_rpc_requests_total", &[method, &format!("code=\"{code}\"")]);
+    eprintln!(
+        "{}",
+        text.lines().filter(|l| l.contains("Ingest") || l.contains("GetFilters")).collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!(count(ingest, "OK"), Some(1.0), "the good ingest");
+    assert_eq!(count(ingest, "INVALID_ARGUMENT"), Some(1.0), "the ingest that failed mid-stream");
+    assert_eq!(count(get, "OK"), Some(1.0), "the stream read to its end");
+    assert_eq!(count(get, "CANCELLED"), Some(1.0), "the stream the client dropped");
+    assert_eq!(count(get, "DEADLINE_EXCEEDED"), Some(1.0), "the stream cut by its deadline");
+    let sum = find("filterdb_rpc_duration_seconds_sum", &[get]).expect("GetFilters latency");
+    assert!(sum >= 1.2 + 0.5, "latency measured to the end of the streams: {sum} s");
+    // Bytes sent: at least the 36-byte filters of the full stream.
+    let sent = find("filterdb_rpc_sent_bytes_total", &[get]).expect("GetFilters bytes");
+    assert!(sent >= (BIG_FILTERS * 36) as f64, "{sent}");
+    bin.signal("-TERM");
+    assert!(bin.wait(Duration::from_secs(30)).success());
+}
+
+fn with_id<T>(msg: T, id: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert("x-request-id", id.parse().unwrap());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_worker_log_lines_carry_the_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let data = dir.path().join("data");
+    let mut bin = Bin::start_logging(&["--data-dir", data.to_str().unwrap()], &log);
+    let ch = bin.channel().await;
+    let mut fdb = FilterDbClient::new(ch.clone()).max_encoding_message_size(64 << 20);
+    // "ingested" is logged by the engine on the ingest's blocking worker.
+    let bytes = std::fs::read(fixture("tinynet.safetensors")).unwrap();
+    let msgs = vec![
+        pb::IngestRequest {
+            part: Some(pb::ingest_request::Part::Header(pb::IngestHeader {
+                meta: Some(meta("logged", "imagenet", "Classification", "vgg")),
+                file_name: "tinynet.safetensors".into(),
+                total_bytes: bytes.len() as u64,
+                ..Default::default()
+            })),
+        },
+        pb::IngestRequest { part: Some(pb::ingest_request::Part::Chunk(bytes)) },
+    ];
+    let mut s = fdb.ingest(with_id(tokio_stream::iter(msgs), "it-ingest-0042")).await.expect("ingest").into_inner();
+    while s.message().await.expect("ingest stream").is_some() {}
+    // "deleted" is logged by the engine inside `api::blocking`.
+    fdb.delete_model(with_id(pb::DeleteModelRequest { model: Some(by_name("logged")) }, "it-delete-0043"))
+        .await
+        .expect("delete");
+    bin.signal("-TERM");
+    assert!(bin.wait(Duration::from_secs(30)).success());
+    let text = std::fs::read_to_string(&log).expect("log");
+    let line = |needle: &str| {
+        text.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no `{needle}` line in:\n{text}"))
+    };
+    let ingested = line(" ingested ");
+    assert!(ingested.contains("it-ingest-0042"), "{ingested}");
+    let deleted = line(" deleted ");
+    assert!(deleted.contains("it-delete-0043"), "{deleted}");
 }

@@ -20,10 +20,11 @@ use filterdb_client::proto::expr::field_name;
 use filterdb_client::proto::{
     BasisRequest, CompareBasesRequest, DegenerationRankingRequest, Density2DRequest,
     DepthProfileRequest, DistributionsRequest, DriftMatrixRequest, DriftWeights, Field,
-    FilterBasis, GetPinnedBasisRequest, GroupSpec, LayerQualityRequest, LayerQualityRow,
+    FilterBasis, GetPinnedBasisRequest, GroupSpec, LayerQualityRequest,
     PinBasisProgress, PinBasisRequest, PinnedBasis, QualityMetric, QualityOptions, Selection,
     model_ref as mref,
 };
+use filterdb_client::quality::QualityLayer;
 use filterdb_client::{ClientError, model_ref, selection};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
@@ -1055,7 +1056,7 @@ fn quality_expr(model: Option<&str>, where_: Option<&str>) -> Option<String> {
     }
 }
 
-fn flags(r: &LayerQualityRow) -> String {
+fn flags(r: &QualityLayer<'_>) -> String {
     let mut f = Vec::new();
     if r.degenerate {
         f.push("DEGENERATE");
@@ -1092,10 +1093,11 @@ pub async fn quality(ctx: &Ctx, a: QualityArgs) -> anyhow::Result<()> {
             .await,
     )?;
     if ctx.json {
-        let mut v = layer_quality_to_json(&r);
+        let mut v = layer_quality_to_json(&r)?;
         v["selection"] = json!(expr.unwrap_or_default());
         return emit_json(&v);
     }
+    let layers = filterdb_client::quality::layers(&r)?;
     let mut out = match &model {
         Some(m) => format!(
             "layer quality of model {} `{}` ({})\n",
@@ -1109,11 +1111,11 @@ pub async fn quality(ctx: &Ctx, a: QualityArgs) -> anyhow::Result<()> {
             a.quality.describe()
         ),
     };
-    if r.layers.is_empty() {
+    if layers.is_empty() {
         out.push_str("no layers match\n");
         return Ok(emit(&out)?);
     }
-    let several = r.layers.iter().any(|l| l.model_id != r.layers[0].model_id);
+    let several = r.models.len() > 1;
     let mut headers = vec![];
     if several {
         headers.push("model");
@@ -1125,15 +1127,15 @@ pub async fn quality(ctx: &Ctx, a: QualityArgs) -> anyhow::Result<()> {
     let numeric: Vec<usize> = [0, 2, 3, 4, 5, 6, 7, 8].iter().map(|i| i + off).collect();
     let mut t = table(&headers, &numeric);
     let mut degenerate = 0;
-    for l in &r.layers {
+    for l in &layers {
         degenerate += usize::from(l.degenerate);
         let mut row = vec![];
         if several {
-            row.push(l.model.clone());
+            row.push(l.model.to_string());
         }
         row.extend([
             l.layer_index.to_string(),
-            l.tensor_name.clone(),
+            l.tensor_name.to_string(),
             format!("{} ({:.2})", l.conv_depth, l.conv_depth_norm),
             l.n.to_string(),
             num(l.sparsity, 3),
@@ -1149,7 +1151,7 @@ pub async fn quality(ctx: &Ctx, a: QualityArgs) -> anyhow::Result<()> {
     let _ = writeln!(
         out,
         "{degenerate} of {} layers degenerate (H ≥ TH − 0.02, or H < 0.5 and S ≥ 0.14)",
-        r.layers.len()
+        layers.len()
     );
     out.push_str(
         "S: share of sparse filters; H: variance entropy (log10), TH: its maximum for n filters; \
@@ -1571,7 +1573,7 @@ mod tests {
         );
         assert_eq!(what(None), "all filters");
         assert_eq!(what(Some(" task = x ")), "task = x");
-        let row = LayerQualityRow {
+        let row = QualityLayer {
             degenerate: true,
             sparse_heavy: true,
             ..Default::default()

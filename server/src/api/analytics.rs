@@ -1,5 +1,6 @@
 //! The tonic service for `filterdb.v1.Analytics`: proto ↔ domain only.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use filterdb_proto as pb;
@@ -9,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{field, selection, status};
 use super::{BoxStream, blocking};
-use crate::analytics::{Grouping, ProfileMetric, Weights, record_basis};
+use crate::analytics::{Grouping, ProfileMetric, QualityRow, Weights, record_basis};
 use crate::engine::Engine;
 use crate::quality::{Basis, DegenerationThresholds, QualityOptions};
 use crate::selection::{Field, Pred};
@@ -92,7 +93,7 @@ fn nan(x: Option<f64>) -> f64 {
     x.unwrap_or(f64::NAN)
 }
 
-/// A quality row without owner ids (callers fill them when the layer is stored).
+/// A quality row of a profiled (not stored) layer: no layer or model id.
 fn quality_row(
     q: &crate::quality::LayerQuality,
     layer_index: u32,
@@ -103,7 +104,6 @@ fn quality_row(
     pb::LayerQualityRow {
         layer_id: 0,
         model_id: 0,
-        model: String::new(),
         layer_index,
         tensor_name: tensor_name.to_string(),
         conv_depth,
@@ -120,6 +120,42 @@ fn quality_row(
         sparse_heavy: q.flags.sparse_heavy,
         degenerate: q.flags.combined,
     }
+}
+
+/// The LayerQuality answer in columns, each model and each distinct tensor name once.
+fn quality_columns(rows: &[QualityRow]) -> pb::LayerQualityResponse {
+    let mut out = pb::LayerQualityResponse::default();
+    let mut models = HashSet::new();
+    let mut names: HashMap<&str, u32> = HashMap::new();
+    for row in rows {
+        let (l, q) = (&row.layer.record, &row.quality);
+        if models.insert(l.model_id) {
+            out.models.push(pb::LayerQualityModel { model_id: l.model_id, name: row.model.name.clone() });
+        }
+        let next = names.len() as u32;
+        let name = *names.entry(&l.tensor_name).or_insert_with(|| {
+            out.tensor_names.push(l.tensor_name.clone());
+            next
+        });
+        out.layer_id.push(l.layer_id);
+        out.model_id.push(l.model_id);
+        out.layer_index.push(l.layer_index);
+        out.tensor_name_index.push(name);
+        out.conv_depth.push(l.conv_depth);
+        out.conv_depth_norm.push(l.conv_depth_norm);
+        out.n.push(q.n);
+        out.sparsity.push(q.sparsity);
+        out.entropy.push(nan(q.entropy));
+        out.entropy_norm.push(nan(q.entropy_norm));
+        out.entropy_clean.push(nan(q.entropy_clean));
+        out.entropy_clean_norm.push(nan(q.entropy_clean_norm));
+        out.orthogonality.push(nan(q.orthogonality));
+        out.random_like.push(q.flags.random_like);
+        out.low_diversity.push(q.flags.low_diversity);
+        out.sparse_heavy.push(q.flags.sparse_heavy);
+        out.degenerate.push(q.flags.combined);
+    }
+    out
 }
 
 impl AnalyticsService {
@@ -151,7 +187,7 @@ impl pb::analytics_server::Analytics for AnalyticsService {
         let bins = if r.bins == 0 { 70 } else { r.bins };
         let engine = self.engine.clone();
         let (tx, rx) = mpsc::channel(16);
-        tokio::task::spawn_blocking(move || {
+        super::worker(move || {
             let ptx = tx.clone();
             let progress = move |version: u32, phase: &str, done: u64, total: u64| {
                 // Progress may be dropped when the client reads slowly; the final message is not.
@@ -279,18 +315,9 @@ impl pb::analytics_server::Analytics for AnalyticsService {
         let opts = quality_options(r.options.as_ref(), false);
         let engine = self.engine.clone();
         let limit = r.limit as usize;
-        let rows = blocking(move || engine.layer_quality(&pred, &opts, limit).map_err(status)).await?;
-        Ok(Response::new(pb::LayerQualityResponse {
-            layers: rows
-                .iter()
-                .map(|row| {
-                    let l = &row.layer.record;
-                    let mut out = quality_row(&row.quality, l.layer_index, &l.tensor_name, l.conv_depth, l.conv_depth_norm);
-                    (out.layer_id, out.model_id, out.model) = (l.layer_id, l.model_id, row.model.name.clone());
-                    out
-                })
-                .collect(),
-        }))
+        // Columns are built on the worker too: 19,000 layers are not work for the async runtime.
+        let answer = blocking(move || engine.layer_quality(&pred, &opts, limit).map(|rows| quality_columns(&rows)).map_err(status)).await?;
+        Ok(Response::new(answer))
     }
 
     async fn degeneration_ranking(

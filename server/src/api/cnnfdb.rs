@@ -66,7 +66,7 @@ impl pb::cnn_fdb_import_server::CnnFdbImport for CnnFdbImportService {
         };
         let (tx, rx) = mpsc::channel::<Result<pb::ImportCnnFdbProgress, Status>>(16);
         let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || {
+        super::worker(move || {
             let result = cnnfdb::run(&engine, &plan, &opts, &mut |p| {
                 if p.phase == ImportPhase::Done {
                     return tx.blocking_send(Ok(to_proto(p))).is_ok();

@@ -56,7 +56,7 @@ fn run(
     work: impl FnOnce(&(dyn Fn(Progress) + Sync)) -> EngineResult<DatasetSummary> + Send + 'static,
 ) -> BoxStream<pb::SnapshotProgress> {
     let (tx, rx) = mpsc::channel(16);
-    tokio::task::spawn_blocking(move || {
+    super::worker(move || {
         let last = std::sync::Mutex::new((std::time::Instant::now(), ""));
         let ptx = tx.clone();
         let progress = move |p: Progress| {

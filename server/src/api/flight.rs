@@ -87,8 +87,11 @@ impl FlightService for FlightExportService {
         let pred = selection(self.engine.vocabularies(), Some(&sel))?;
         let engine = self.engine.clone();
         let (tx, rx) = mpsc::channel(4);
-        tokio::task::spawn_blocking(move || {
+        super::worker(move || {
             engine.filter_batches(&pred, &mut |b| {
+                if let Ok(batch) = &b {
+                    metrics::counter!("filterdb_flight_rows_total").increment(batch.num_rows() as u64);
+                }
                 let item = b.map_err(|e| FlightError::Tonic(Box::new(status(e))));
                 tx.blocking_send(item).is_ok()
             });

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use filterdb_proto as pb;
 use futures::{Stream, StreamExt};
+use tracing::Instrument;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -59,8 +60,16 @@ impl FilterDbService {
 
 pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// Runs `f` on a blocking worker inside the caller's tracing span (the call's request id).
 pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker failed: {e}")))?
+    worker(f).await.map_err(|e| Status::internal(format!("worker failed: {e}")))?
+}
+
+/// `spawn_blocking` inside the caller's tracing span, so the worker's log lines carry the call's
+/// request id.
+pub(crate) fn worker<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> tokio::task::JoinHandle<T> {
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
 }
 
 const PROGRESS_EVERY_BYTES: u64 = 16 << 20;
@@ -97,11 +106,14 @@ impl pb::filter_db_server::FilterDb for FilterDbService {
         let engine = self.engine.clone();
         let limit = self.limits.max_upload_bytes;
         let (tx, rx) = mpsc::channel::<Result<pb::IngestResponse, Status>>(16);
-        tokio::spawn(async move {
-            let result = run_ingest(engine, inbound, header, file_name, meta, format, on_conflict, limit, tx.clone()).await;
-            let msg = result.map(|r| pb::IngestResponse { part: Some(pb::ingest_response::Part::Result(r)) });
-            let _ = tx.send(msg).await;
-        });
+        tokio::spawn(
+            async move {
+                let result = run_ingest(engine, inbound, header, file_name, meta, format, on_conflict, limit, tx.clone()).await;
+                let msg = result.map(|r| pb::IngestResponse { part: Some(pb::ingest_response::Part::Result(r)) });
+                let _ = tx.send(msg).await;
+            }
+            .in_current_span(),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -185,7 +197,7 @@ impl pb::filter_db_server::FilterDb for FilterDbService {
         }
         metrics::counter!("filterdb_get_filters_rows_total").increment(rows);
         let (tx, rx) = mpsc::channel::<Result<pb::FilterBatch, Status>>(4);
-        tokio::task::spawn_blocking(move || {
+        worker(move || {
             let db = engine.store().db().clone();
             let snap = db.snapshot();
             for seg in segments {
@@ -284,7 +296,7 @@ async fn run_ingest(
     tx: mpsc::Sender<Result<pb::IngestResponse, Status>>,
 ) -> Result<pb::IngestResult, Status> {
     let staging = engine.staging_dir().to_path_buf();
-    let mut staged = tokio::task::spawn_blocking(move || tempfile::NamedTempFile::new_in(staging))
+    let mut staged = worker(move || tempfile::NamedTempFile::new_in(staging))
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| Status::internal(format!("cannot stage upload: {e}")))?;
@@ -293,7 +305,13 @@ async fn run_ingest(
     let mut next_progress = 0u64;
     let total = header.total_bytes;
     let mut writer = std::io::BufWriter::with_capacity(1 << 20, staged.as_file_mut());
-    while let Some(msg) = inbound.next().await {
+    loop {
+        // The response gone (client away, or the deadline cut it): stop receiving.
+        let msg = tokio::select! {
+            m = inbound.next() => m,
+            _ = tx.closed() => return Err(Status::cancelled("Ingest: the response stream was closed")),
+        };
+        let Some(msg) = msg else { break };
         let msg = msg?;
         match msg.part {
             Some(pb::ingest_request::Part::Chunk(c)) => {
@@ -338,7 +356,7 @@ async fn run_ingest(
     }
     let req = IngestRequest { meta, file_name, format, sha256, size_bytes: received, on_conflict };
     let ptx = tx.clone();
-    let (outcome, model) = tokio::task::spawn_blocking(move || {
+    let (outcome, model) = worker(move || {
         let progress = move |phase: Phase, done: u32, layers: u32| {
             let p = match phase {
                 Phase::Parsing => pb::IngestPhase::Parsing,

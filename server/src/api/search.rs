@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{model_out, selection, status};
 use super::{BoxStream, blocking};
+use tracing::Instrument;
 use crate::engine::Engine;
 use crate::search::{
     DEFAULT_EXACT_BELOW, DEFAULT_K, DEFAULT_MAX_K, FilterConditions, Mode, NearestAnswer, NearestQuery, Query, Space,
@@ -245,7 +246,7 @@ impl pb::search_server::Search for SearchService {
                 }
                 index += 1;
             }
-        });
+        }.in_current_span());
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
