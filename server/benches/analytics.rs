@@ -600,7 +600,7 @@ fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -1001,10 +1001,10 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, work: &Path, t_al
         std::fs::write(&out, &md)?;
         eprintln!("wrote {}", PathBuf::from(out).display());
     }
-    if let Some(cs) = &checks {
-        if cs.iter().any(|c| !c.ok) {
-            anyhow::bail!("DuckDB and the server disagree (see the table)");
-        }
+    if let Some(cs) = &checks
+        && cs.iter().any(|c| !c.ok)
+    {
+        anyhow::bail!("DuckDB and the server disagree (see the table)");
     }
     Ok(())
 }
