@@ -158,7 +158,56 @@ fn child(h5: &Path, meta: &Path, db: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// CPU time of the calling thread, ns (`/proc/thread-self/schedstat`): on a shared machine
+/// it moves far less than wall time.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// `FILTERDB_BENCH_TASK=stats`: per-layer statistics alone on the bench's layer shape (256 x 256
+/// filters), split into moments (`LayerStats::of`) and orthogonality: ns per filter, wall time
+/// on all cores and CPU time on one thread.
+fn stats_only() {
+    let n = LAYER as usize;
+    let filters: Vec<f32> = (0..n as u64 * 9)
+        .map(|i| ((splitmix(i) >> 11) as f64 / (1u64 << 53) as f64 * 0.5 - 0.25) as f32)
+        .collect();
+    let reps = 20;
+    // (wall, calling-thread CPU) ns per filter
+    let time = |f: &dyn Fn()| {
+        f(); // warm-up
+        let (t, c) = (Instant::now(), thread_cpu_ns());
+        for _ in 0..reps {
+            f();
+        }
+        let per = (reps * n) as f64;
+        (
+            t.elapsed().as_secs_f64() * 1e9 / per,
+            (thread_cpu_ns() - c) as f64 / per,
+        )
+    };
+    let moments = || {
+        std::hint::black_box(filterdb::stats::LayerStats::of(&filters));
+    };
+    let ortho = || {
+        std::hint::black_box(filterdb::stats::orthogonality(&filters, 256, 256));
+    };
+    let (mw, ow) = (time(&moments).0, time(&ortho).0);
+    println!("per-layer statistics, 256 x 256 filters, ns per filter, wall on all cores: moments {mw:.1}, orthogonality {ow:.1}");
+    if let Ok(p) = rayon::ThreadPoolBuilder::new().num_threads(1).build() {
+        let (m, o) = p.install(|| (time(&moments).1, time(&ortho).1));
+        println!("CPU time on one thread: moments {m:.1}, orthogonality {o:.1}");
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    if std::env::var("FILTERDB_BENCH_TASK").as_deref() == Ok("stats") {
+        stats_only();
+        return Ok(());
+    }
     if std::env::var("FILTERDB_BENCH_TASK").as_deref() == Ok("import") {
         let a: Vec<PathBuf> = std::env::args_os()
             .skip(1)
