@@ -322,27 +322,21 @@ pub fn orthogonality(filters: &[f32], out_channels: usize, in_channels: usize) -
         .par_iter()
         .map(|&s| {
             let rows = ORTHO_BLOCK_ROWS.min(out_channels - s);
-            let g = if rows > NALGEBRA_SMALL_DIM && out_channels - s > NALGEBRA_SMALL_DIM {
-                // Ŵ's rows s..s+rows read in place (row stride in·9) rather than transposed
-                // into a copy: matrixmultiply packs either the same way.
-                let block = BlockRows::from_slice_with_strides(
-                    &wt.as_slice()[s * len..(s + rows) * len],
-                    rows,
-                    len,
-                    len,
-                    1,
-                );
-                block * wt.columns(s, out_channels - s)
-            } else {
-                // nalgebra's own loop, which sums in another order: keep its exact input.
-                &wt.columns(s, rows).transpose() * wt.columns(s, out_channels - s)
-            };
-            // Column-major: entry (r, c) is g[r + c·rows].
-            let g = g.as_slice();
+            if rows <= NALGEBRA_SMALL_DIM || out_channels - s <= NALGEBRA_SMALL_DIM {
+                return ortho_block_small(&wt, s, rows);
+            }
+            // The block transposed, Gᵀ[s.., s..s+rows] = (rows s.. of Ŵ) · (rows s..s+rows of
+            // Ŵ)ᵀ, so that each row of G is one contiguous column: matrixmultiply sums every
+            // entry over the kernel in the same order either way (its multiply-adds commute),
+            // and rows s.. of Ŵ are read in place (row stride in·9) without a transposed copy.
+            let rest = &wt.as_slice()[s * len..];
+            let after = BlockRows::from_slice_with_strides(rest, out_channels - s, len, len, 1);
+            let gt = after * wt.columns(s, rows);
             let mut acc = 0f64;
-            for r in 0..rows {
-                acc += (g[r + r * rows] - 1.0).abs();
-                for v in g.iter().skip(r + (r + 1) * rows).step_by(rows) {
+            for (r, col) in gt.column_iter().enumerate() {
+                let col = col.as_slice();
+                acc += (col[r] - 1.0).abs();
+                for v in &col[r + 1..] {
                     acc += 2.0 * v.abs();
                 }
             }
@@ -355,6 +349,21 @@ pub fn orthogonality(filters: &[f32], out_channels: usize, in_channels: usize) -
 
 /// nalgebra multiplies with matrixmultiply only when every dimension exceeds this.
 const NALGEBRA_SMALL_DIM: usize = 5;
+
+/// A block with a dimension of at most [`NALGEBRA_SMALL_DIM`]: nalgebra's own product, which
+/// sums in another order, from exactly the input it always had.
+fn ortho_block_small(wt: &DMatrix<f64>, s: usize, rows: usize) -> f64 {
+    let out_channels = wt.ncols();
+    let g = &wt.columns(s, rows).transpose() * wt.columns(s, out_channels - s);
+    let mut acc = 0f64;
+    for r in 0..rows {
+        acc += (g[(r, r)] - 1.0).abs();
+        for c in (r + 1)..g.ncols() {
+            acc += 2.0 * g[(r, c)].abs();
+        }
+    }
+    acc
+}
 
 /// Rows of Ŵ as a strided view (row stride in·9, column stride 1).
 type BlockRows<'a> =
@@ -1358,8 +1367,12 @@ mod tests {
             (64, 3),
             (65, 1),
             (69, 30),
+            (68, 3),
+            (70, 64),
             (130, 40),
+            (200, 29),
             (257, 2),
+            (1000, 1),
         ] {
             let mut f: Vec<f32> = (0..out * inp * 9)
                 .map(|k| {
