@@ -137,10 +137,24 @@ fn time_cat(file: &Path) -> anyhow::Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// Child: import into a fresh database, print `seconds filters models vmhwm_kib`.
+/// CPU time (user + system) of this process so far, all threads, from `/proc/self/stat`.
+fn process_cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (tick(11) + tick(12)) as f64 / 100.0
+}
+
+/// Child: import into a fresh database, print
+/// `seconds seconds_with_flush filters models vmhwm_kib cpu_seconds`.
 fn child(h5: &Path, meta: &Path, db: &Path) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter("filterdb::cnnfdb=info")
+        .with_ansi(false)
         .with_writer(std::io::stderr)
         .init();
     let engine = Engine::open(db)?;
@@ -150,15 +164,65 @@ fn child(h5: &Path, meta: &Path, db: &Path) -> anyhow::Result<()> {
     engine.store().flush()?;
     let flushed = t.elapsed().as_secs_f64();
     println!(
-        "RESULT {secs} {flushed} {} {} {}",
+        "RESULT {secs} {flushed} {} {} {} {}",
         p.filters_done,
         p.models_created,
-        common::status_kb("VmHWM:").unwrap_or(0)
+        common::status_kb("VmHWM:").unwrap_or(0),
+        process_cpu_secs()
     );
     Ok(())
 }
 
+/// CPU time of the calling thread, ns (`/proc/thread-self/schedstat`): on a shared machine
+/// it moves far less than wall time.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// `FILTERDB_BENCH_TASK=stats`: per-layer statistics alone on the bench's layer shape (256 x 256
+/// filters), split into moments (`LayerStats::of`) and orthogonality: ns per filter, wall time
+/// on all cores and CPU time on one thread.
+fn stats_only() {
+    let n = LAYER as usize;
+    let filters: Vec<f32> = (0..n as u64 * 9)
+        .map(|i| ((splitmix(i) >> 11) as f64 / (1u64 << 53) as f64 * 0.5 - 0.25) as f32)
+        .collect();
+    let reps = 20;
+    // (wall, calling-thread CPU) ns per filter
+    let time = |f: &dyn Fn()| {
+        f(); // warm-up
+        let (t, c) = (Instant::now(), thread_cpu_ns());
+        for _ in 0..reps {
+            f();
+        }
+        let per = (reps * n) as f64;
+        (
+            t.elapsed().as_secs_f64() * 1e9 / per,
+            (thread_cpu_ns() - c) as f64 / per,
+        )
+    };
+    let moments = || {
+        std::hint::black_box(filterdb::stats::LayerStats::of(&filters));
+    };
+    let ortho = || {
+        std::hint::black_box(filterdb::stats::orthogonality(&filters, 256, 256));
+    };
+    let (mw, ow) = (time(&moments).0, time(&ortho).0);
+    println!("per-layer statistics, 256 x 256 filters, ns per filter, wall on all cores: moments {mw:.1}, orthogonality {ow:.1}");
+    if let Ok(p) = rayon::ThreadPoolBuilder::new().num_threads(1).build() {
+        let (m, o) = p.install(|| (time(&moments).1, time(&ortho).1));
+        println!("CPU time on one thread: moments {m:.1}, orthogonality {o:.1}");
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    if std::env::var("FILTERDB_BENCH_TASK").as_deref() == Ok("stats") {
+        stats_only();
+        return Ok(());
+    }
     if std::env::var("FILTERDB_BENCH_TASK").as_deref() == Ok("import") {
         let a: Vec<PathBuf> = std::env::args_os()
             .skip(1)
@@ -195,6 +259,8 @@ fn main() -> anyhow::Result<()> {
     let bytes = std::fs::metadata(&h5)?.len();
     eprintln!("wrote {:.2} GB in {gen_s:.1} s", bytes as f64 / 1e9);
 
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     time_cat(&h5)?; // warm the page cache (when the file fits)
     let cat1 = time_cat(&h5)?;
     let out = Command::new(std::env::current_exe()?)
@@ -218,9 +284,9 @@ fn main() -> anyhow::Result<()> {
         .skip(1)
         .filter_map(|x| x.parse().ok())
         .collect();
-    anyhow::ensure!(v.len() == 5, "bad result line {line}");
-    let (secs, flushed, filters, models, hwm_kib) =
-        (v[0], v[1], v[2] as u64, v[3] as u64, v[4] as u64);
+    anyhow::ensure!(v.len() == 6, "bad result line {line}");
+    let (secs, flushed, filters, models, hwm_kib, cpu) =
+        (v[0], v[1], v[2] as u64, v[3] as u64, v[4] as u64, v[5]);
     anyhow::ensure!(filters == n, "imported {filters} filters of {n}");
     let log = String::from_utf8_lossy(&out.stderr);
     let split = log
@@ -261,12 +327,17 @@ fn main() -> anyhow::Result<()> {
         hwm_kib as f64 / 1024.0,
         db_bytes as f64 / 1e9
     );
+    println!(
+        "import CPU time (user + system, all threads, to flush): {cpu:.1} s = {:.0} ns per filter; load average before: {load}",
+        cpu * 1e9 / n as f64
+    );
     println!("import log: {split}");
     println!("(file generation took {gen_s:.1} s; cat runs: {cat1:.2} s, {cat2:.2} s)");
     if let Some(p) = std::env::var_os("FILTERDB_BENCH_OUT") {
         let j = serde_json::json!({"filters": n, "models": models, "hdf5_bytes": bytes, "cat_seconds": [cat1, cat2],
             "import_seconds": secs, "import_flushed_seconds": flushed, "filters_per_second": fps,
-            "ratio_to_cat": cat / secs, "peak_rss_kib": hwm_kib, "db_bytes": db_bytes});
+            "ratio_to_cat": cat / secs, "peak_rss_kib": hwm_kib, "db_bytes": db_bytes,
+            "import_cpu_seconds": cpu, "load_average": load});
         std::fs::write(p, serde_json::to_vec_pretty(&j)?)?;
     }
     if std::env::var_os("FILTERDB_BENCH_KEEP").is_some() {

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use arrow::array::{Array, Float64Array, StringArray};
@@ -27,7 +27,8 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use sha2::{Digest, Sha256};
 
 use crate::engine::{
-    Engine, EngineError, IngestOutcome, IngestRequest, MetaInput, NameConflict, Result,
+    Engine, EngineError, IngestOutcome, IngestRequest, MetaInput, NameConflict, Prepared,
+    PreparedIngest, Result,
 };
 use crate::jobs::{JobRecord, Outcome};
 use crate::readers::{DepthDefinition, ExtractedLayer, ExtractedModel, Format};
@@ -822,72 +823,321 @@ pub fn run(
         .collect();
     let stopped_early = p.models_done + (todo.len() as u64) < p.models_total;
 
-    // One reader thread stays one model ahead of the store (a rendezvous channel bounds memory).
-    let read = Arc::new(AtomicU64::new(0));
-    let (tx, rx) = mpsc::sync_channel::<Fetched>(0);
-    let reader = {
-        let plan = plan.clone();
-        let todo = todo.clone();
-        let read = read.clone();
-        let window = opts.window_rows;
-        std::thread::Builder::new()
-            .name("cnnfdb-reader".into())
-            .spawn(move || {
-                let open = hdf5_pure::File::open_streaming(&plan.filters_path)
-                    .map_err(|e| invalid(format!("{}: {e}", plan.filters_path.display())))
-                    .and_then(|f| {
-                        f.dataset(&plan.dataset)
-                            .map_err(|e| {
-                                invalid(format!("{}/{}: {e}", plan.file_name, plan.dataset))
-                            })
-                            .map(|d| (f, d))
-                    });
-                let (_file, ds) = match open {
-                    Ok(x) => x,
-                    Err(e) => {
-                        let _ = tx.send(Fetched::Failed(e));
-                        return;
-                    }
-                };
-                for i in todo {
-                    let msg = match read_model(&ds, &plan, &plan.models[i], window, &read) {
-                        Ok(m) => Fetched::Model(i, Box::new(m)),
-                        Err(e) => Fetched::Failed(e),
-                    };
-                    let failed = matches!(msg, Fetched::Failed(_));
-                    if tx.send(msg).is_err() || failed {
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| {
-                EngineError::FailedPrecondition(format!("cannot start the reader thread: {e}"))
-            })?
+    // Three stages on their own threads, so that both cores stay busy: a reader decodes model
+    // i + 1 (HDF5 rows to f32), this thread computes the statistics of model i (rayon, both
+    // cores) and a committer stores model i − 1 (an SST file and a few fsyncs) with its job
+    // record. Rendezvous channels bound memory to about four models plus one read window. The
+    // committer stores models in release order, each in its own atomic commit, so an
+    // interruption leaves whole models only and a re-run continues after the last one.
+    let read = AtomicU64::new(0);
+    let mut t = Timings::default();
+    let mut tally = Tally {
+        finished_filters: p.filters_done,
+        p,
     };
+    let finished = std::thread::scope(|scope| -> Result<bool> {
+        let (tx, rx) = mpsc::sync_channel::<Fetched>(0);
+        let reader = {
+            let (todo, read) = (&todo, &read);
+            std::thread::Builder::new()
+                .name("cnnfdb-reader".into())
+                .spawn_scoped(scope, move || {
+                    read_models(plan, todo, opts.window_rows, read, tx)
+                })
+                .map_err(|e| thread_error("reader", e))?
+        };
+        let (to_commit, commit_rx) = mpsc::sync_channel::<ToCommit>(0);
+        let (done_tx, done) = mpsc::channel::<Result<Committed>>();
+        let committer = {
+            let source = &source;
+            std::thread::Builder::new()
+                .name("cnnfdb-commit".into())
+                .spawn_scoped(scope, move || {
+                    commit_models(engine, plan, source, commit_rx, done_tx)
+                })
+                .map_err(|e| thread_error("commit", e))?
+        };
+        let stage = Stage {
+            engine,
+            plan,
+            opts,
+            source: &source,
+            todo: &todo,
+            read: &read,
+        };
+        let r = stage.run(rx, to_commit, &done, &mut tally, &mut t, progress);
+        // `run` dropped its ends of the channels: the reader stops at its next send, the
+        // committer after the model it holds (stored whole, and reported here).
+        let (committed, read_end) = (committer.join(), reader.join());
+        let mut commit_err = match (&committed, read_end) {
+            (Err(_), _) => Some(EngineError::FailedPrecondition(
+                "the commit thread panicked".into(),
+            )),
+            (_, Err(_)) => Some(EngineError::FailedPrecondition(
+                "the HDF5 reader panicked".into(),
+            )),
+            _ => None,
+        };
+        t.commit += committed.unwrap_or_default();
+        for c in done.try_iter() {
+            match c {
+                Ok(c) => tally.committed(plan, c),
+                Err(e) => {
+                    commit_err.get_or_insert(e);
+                }
+            }
+        }
+        match (r, commit_err) {
+            (Err(e), _) | (Ok(_), Some(e)) => Err(e),
+            (Ok(all), None) => Ok(all),
+        }
+    })?;
+    let mut p = tally.p;
+    if finished {
+        p.stopped_early = stopped_early;
+        p.phase = ImportPhase::Done;
+        p.model.clear();
+        tracing::info!(
+            file = %plan.file_name, created = p.models_created, unchanged = p.models_unchanged,
+            filters = p.filters_done, stopped_early = p.stopped_early,
+            waiting_for_reads_s = t.read_wait.as_secs_f64(), statistics_s = t.stats.as_secs_f64(),
+            waiting_for_commits_s = t.commit_wait.as_secs_f64(),
+            committing_s = t.commit.as_secs_f64(),
+            "CNN Filter DB import finished"
+        );
+        progress(&p);
+    }
+    Ok(p)
+}
 
-    // Where the time goes (logged at the end): waiting for the reader, per-layer statistics,
-    // and the commit (histograms + RocksDB write), split by the engine's progress phases.
-    let (mut read_wait, mut store_time, mut commit_time) =
-        (Duration::ZERO, Duration::ZERO, Duration::ZERO);
-    let result = (|| -> Result<()> {
-        let mut filters_finished = p.filters_done;
-        for &i in &todo {
+fn thread_error(what: &str, e: std::io::Error) -> EngineError {
+    EngineError::FailedPrecondition(format!("cannot start the {what} thread: {e}"))
+}
+
+/// Where the import's time goes (logged at the end). The stages overlap: the commit time is the
+/// committer's own, the waits are this thread's.
+#[derive(Default)]
+struct Timings {
+    read_wait: Duration,
+    stats: Duration,
+    commit_wait: Duration,
+    commit: Duration,
+}
+
+/// A model handed to the committer.
+enum ToCommit {
+    /// Statistics computed: commit it.
+    Ready {
+        index: usize,
+        prepared: Box<PreparedIngest>,
+        sha256: String,
+    },
+    /// Found stored meanwhile: only the job record.
+    Unchanged {
+        index: usize,
+        model_id: u64,
+        sha256: String,
+    },
+}
+
+/// A model the committer finished.
+struct Committed {
+    index: usize,
+    outcome: IngestOutcome,
+}
+
+/// The progress and the filters of finished models (stored, or found stored).
+struct Tally {
+    p: ImportProgress,
+    finished_filters: u64,
+}
+
+impl Tally {
+    fn committed(&mut self, plan: &ImportPlan, c: Committed) {
+        match c.outcome {
+            IngestOutcome::Unchanged => self.p.models_unchanged += 1,
+            IngestOutcome::Created | IngestOutcome::Replaced => self.p.models_created += 1,
+        }
+        self.p.models_done += 1;
+        self.finished_filters += plan.models[c.index].n_filters;
+        self.p.filters_done = self.finished_filters;
+    }
+}
+
+/// The reader stage: one model after another, in `todo` order.
+fn read_models(
+    plan: &ImportPlan,
+    todo: &[usize],
+    window: u64,
+    read: &AtomicU64,
+    tx: mpsc::SyncSender<Fetched>,
+) {
+    let open = hdf5_pure::File::open_streaming(&plan.filters_path)
+        .map_err(|e| invalid(format!("{}: {e}", plan.filters_path.display())))
+        .and_then(|f| {
+            f.dataset(&plan.dataset)
+                .map_err(|e| invalid(format!("{}/{}: {e}", plan.file_name, plan.dataset)))
+                .map(|d| (f, d))
+        });
+    let (_file, ds) = match open {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = tx.send(Fetched::Failed(e));
+            return;
+        }
+    };
+    for &i in todo {
+        let msg = match read_model(&ds, plan, &plan.models[i], window, read) {
+            Ok(m) => Fetched::Model(i, Box::new(m)),
+            Err(e) => Fetched::Failed(e),
+        };
+        let failed = matches!(msg, Fetched::Failed(_));
+        if tx.send(msg).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// The committer stage: stores what it is handed, in order, until the channel closes or a
+/// commit fails. Returns the time it spent committing.
+fn commit_models(
+    engine: &Engine,
+    plan: &ImportPlan,
+    source: &str,
+    rx: mpsc::Receiver<ToCommit>,
+    done: mpsc::Sender<Result<Committed>>,
+) -> Duration {
+    let mut busy = Duration::ZERO;
+    for item in rx {
+        let t = std::time::Instant::now();
+        let r = match item {
+            ToCommit::Unchanged {
+                index,
+                model_id,
+                sha256,
+            } => save_job(
+                engine,
+                source,
+                &plan.models[index],
+                &sha256,
+                Outcome::Done,
+                "",
+                Some(model_id),
+            )
+            .map(|()| Committed {
+                index,
+                outcome: IngestOutcome::Unchanged,
+            }),
+            ToCommit::Ready {
+                index,
+                prepared,
+                sha256,
+            } => {
+                let m = &plan.models[index];
+                match engine.commit_prepared(*prepared, &|_, _, _| {}) {
+                    Ok((outcome, stored)) => save_job(
+                        engine,
+                        source,
+                        m,
+                        &sha256,
+                        Outcome::Done,
+                        "",
+                        Some(stored.model_id),
+                    )
+                    .map(|()| Committed { index, outcome }),
+                    Err(e) => Err(quarantine(engine, source, m, &sha256, e)),
+                }
+            }
+        };
+        busy += t.elapsed();
+        let failed = r.is_err();
+        if done.send(r).is_err() || failed {
+            break;
+        }
+    }
+    busy
+}
+
+/// Names the model and meta row in an ingest error; input errors (bad model, name taken) are
+/// recorded as a quarantined job. Returns the error to report.
+fn quarantine(
+    engine: &Engine,
+    source: &str,
+    m: &PlannedModel,
+    sha256: &str,
+    e: EngineError,
+) -> EngineError {
+    let row = m.layers.first().map_or(0, |l| l.row);
+    let e = match e {
+        EngineError::InvalidArgument(s) => {
+            invalid(format!("model `{}` (meta row {row}): {s}", m.name))
+        }
+        EngineError::AlreadyExists(s) => EngineError::AlreadyExists(format!(
+            "model `{}` (meta row {row}): {s}; re-run with replace to overwrite it",
+            m.name
+        )),
+        other => return other,
+    };
+    match save_job(
+        engine,
+        source,
+        m,
+        sha256,
+        Outcome::Quarantined,
+        &e.to_string(),
+        None,
+    ) {
+        Ok(()) => e,
+        Err(save) => save,
+    }
+}
+
+/// The statistics stage (the calling thread) and what it needs.
+struct Stage<'a> {
+    engine: &'a Engine,
+    plan: &'a ImportPlan,
+    opts: &'a ImportOptions,
+    source: &'a str,
+    todo: &'a [usize],
+    read: &'a AtomicU64,
+}
+
+impl Stage<'_> {
+    /// Receives each model from the reader, computes its statistics and hands it to the
+    /// committer, reporting progress (and the committer's results) as it goes. Returns false
+    /// when `progress` asked to stop, true when every model was handed over; an error of the
+    /// reader or the statistics ends it (an error of the committer ends the hand-over and is
+    /// reported by the caller).
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        rx: mpsc::Receiver<Fetched>,
+        to_commit: mpsc::SyncSender<ToCommit>,
+        done: &mpsc::Receiver<Result<Committed>>,
+        tally: &mut Tally,
+        t: &mut Timings,
+        progress: &mut dyn FnMut(&ImportProgress) -> bool,
+    ) -> Result<bool> {
+        let plan = self.plan;
+        // Rows of the models before the current one, to report the current one's read rows.
+        let mut read_before = 0u64;
+        for &i in self.todo {
             let m = &plan.models[i];
-            p.phase = ImportPhase::Reading;
-            p.model = m.name.clone();
-            let done_before = read.load(Ordering::Relaxed);
+            tally.p.phase = ImportPhase::Reading;
+            tally.p.model = m.name.clone();
             let t_wait = std::time::Instant::now();
             let fetched = loop {
                 match rx.recv_timeout(Duration::from_millis(250)) {
                     Ok(f) => break f,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        p.filters_done = filters_finished
-                            + read
-                                .load(Ordering::Relaxed)
-                                .saturating_sub(done_before)
-                                .min(m.n_filters);
-                        if !progress(&p) {
-                            return Ok(());
+                        self.collect(done, tally)?;
+                        let current = self
+                            .read
+                            .load(Ordering::Relaxed)
+                            .saturating_sub(read_before);
+                        tally.p.filters_done = tally.finished_filters + current.min(m.n_filters);
+                        if !progress(&tally.p) {
+                            return Ok(false);
                         }
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -897,6 +1147,8 @@ pub fn run(
                     }
                 }
             };
+            t.read_wait += t_wait.elapsed();
+            read_before += m.n_filters;
             let extracted = match fetched {
                 Fetched::Model(j, x) if j == i => *x,
                 Fetched::Model(j, _) => {
@@ -907,8 +1159,8 @@ pub fn run(
                 Fetched::Failed(e) => {
                     let sha = content_id(plan, m);
                     save_job(
-                        engine,
-                        &source,
+                        self.engine,
+                        self.source,
                         m,
                         &sha,
                         Outcome::Quarantined,
@@ -918,93 +1170,48 @@ pub fn run(
                     return Err(e);
                 }
             };
-            p.phase = ImportPhase::Storing;
-            p.filters_done = filters_finished + m.n_filters;
-            if !progress(&p) {
-                return Ok(());
+            self.collect(done, tally)?;
+            tally.p.phase = ImportPhase::Storing;
+            if !progress(&tally.p) {
+                return Ok(false);
             }
-            let req = request(plan, m, opts);
-            let t_store = std::time::Instant::now();
-            read_wait += t_store.duration_since(t_wait);
-            let writing_at = std::sync::Mutex::new(None);
-            let r = engine.ingest_extracted(extracted, &req, &|phase, _, _| {
-                if phase == crate::engine::Phase::Writing
-                    && let Ok(mut w) = writing_at.lock()
-                {
-                    w.get_or_insert_with(std::time::Instant::now);
-                }
-            });
-            store_time += t_store.elapsed();
-            if let Some(w) = writing_at.lock().ok().and_then(|w| *w) {
-                commit_time += w.elapsed();
-            }
-            let (outcome, stored) = match r {
-                Ok(x) => x,
-                Err(e) => {
-                    let e = match e {
-                        EngineError::InvalidArgument(s) => invalid(format!(
-                            "model `{}` (meta row {}): {s}",
-                            m.name, m.layers[0].row
-                        )),
-                        EngineError::AlreadyExists(s) => EngineError::AlreadyExists(format!(
-                            "model `{}` (meta row {}): {s}; re-run with replace to overwrite it",
-                            m.name, m.layers[0].row
-                        )),
-                        other => other,
-                    };
-                    if matches!(
-                        e,
-                        EngineError::InvalidArgument(_) | EngineError::AlreadyExists(_)
-                    ) {
-                        save_job(
-                            engine,
-                            &source,
-                            m,
-                            &req.sha256,
-                            Outcome::Quarantined,
-                            &e.to_string(),
-                            None,
-                        )?;
-                    }
-                    return Err(e);
-                }
+            let req = request(plan, m, self.opts);
+            let t_stats = std::time::Instant::now();
+            let prepared = self
+                .engine
+                .prepare_extracted(extracted, &req, &|_, _, _| {})
+                .map_err(|e| quarantine(self.engine, self.source, m, &req.sha256, e))?;
+            t.stats += t_stats.elapsed();
+            let item = match prepared {
+                Prepared::Unchanged(s) => ToCommit::Unchanged {
+                    index: i,
+                    model_id: s.model_id,
+                    sha256: req.sha256,
+                },
+                Prepared::Ready(prepared) => ToCommit::Ready {
+                    index: i,
+                    prepared,
+                    sha256: req.sha256,
+                },
             };
-            save_job(
-                engine,
-                &source,
-                m,
-                &req.sha256,
-                Outcome::Done,
-                "",
-                Some(stored.model_id),
-            )?;
-            match outcome {
-                IngestOutcome::Unchanged => p.models_unchanged += 1,
-                IngestOutcome::Created | IngestOutcome::Replaced => p.models_created += 1,
+            let t_hand = std::time::Instant::now();
+            let sent = to_commit.send(item);
+            t.commit_wait += t_hand.elapsed();
+            if sent.is_err() {
+                // The committer stopped on an error; the caller reports it.
+                return Ok(false);
             }
-            p.models_done += 1;
-            filters_finished += m.n_filters;
-            p.filters_done = filters_finished;
         }
-        p.stopped_early = stopped_early;
-        p.phase = ImportPhase::Done;
-        p.model.clear();
-        Ok(())
-    })();
-    drop(rx); // unblocks the reader if we stopped early
-    let _ = reader.join();
-    result?;
-    if p.phase == ImportPhase::Done {
-        tracing::info!(
-            file = %plan.file_name, created = p.models_created, unchanged = p.models_unchanged,
-            filters = p.filters_done, stopped_early = p.stopped_early,
-            waiting_for_reads_s = read_wait.as_secs_f64(), storing_s = store_time.as_secs_f64(),
-            of_which_commit_s = commit_time.as_secs_f64(),
-            "CNN Filter DB import finished"
-        );
-        progress(&p);
+        Ok(true)
     }
-    Ok(p)
+
+    /// Takes the committer's results so far into the progress.
+    fn collect(&self, done: &mpsc::Receiver<Result<Committed>>, tally: &mut Tally) -> Result<()> {
+        for c in done.try_iter() {
+            tally.committed(self.plan, c?);
+        }
+        Ok(())
+    }
 }
 
 fn save_job(

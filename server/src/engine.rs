@@ -332,9 +332,24 @@ impl Engine {
         req: &IngestRequest,
         progress: &(dyn Fn(Phase, u32, u32) + Sync),
     ) -> Result<(IngestOutcome, Arc<ModelRecord>)> {
+        match self.prepare_extracted(extracted, req, progress)? {
+            Prepared::Unchanged(m) => Ok((IngestOutcome::Unchanged, m)),
+            Prepared::Ready(p) => self.commit_prepared(*p, progress),
+        }
+    }
+
+    /// The first half of [`Engine::ingest_extracted`]: checks the labels and computes the
+    /// statistics, without the write lock, so a bulk importer can compute the next model while
+    /// the previous one is committed.
+    pub fn prepare_extracted(
+        &self,
+        extracted: readers::ExtractedModel,
+        req: &IngestRequest,
+        progress: &(dyn Fn(Phase, u32, u32) + Sync),
+    ) -> Result<Prepared> {
         let meta = self.normalize_meta(&req.meta)?;
         if let Some(m) = self.precheck(req)? {
-            return Ok((IngestOutcome::Unchanged, m));
+            return Ok(Prepared::Unchanged(m));
         }
         let n_layers = extracted.layers.len() as u32;
         progress(Phase::Statistics, 0, n_layers);
@@ -349,9 +364,22 @@ impl Engine {
                 s
             })
             .collect();
-        // Codes for the search index (when one exists), computed before the write lock.
+        // Codes for the search index (when one exists), computed here, outside the write lock.
         let layer_values: Vec<&[f32]> = extracted.layers.iter().map(|l| l.filters.as_slice()).collect();
         let segment = self.encode_for_ingest(&layer_values);
+        Ok(Prepared::Ready(Box::new(PreparedIngest { extracted, req: req.clone(), meta, stats, segment })))
+    }
+
+    /// The second half of [`Engine::ingest_extracted`]: under the write lock, checks conflicts
+    /// again (another writer may have come first), allocates ids and commits atomically.
+    pub fn commit_prepared(
+        &self,
+        prepared: PreparedIngest,
+        progress: &(dyn Fn(Phase, u32, u32) + Sync),
+    ) -> Result<(IngestOutcome, Arc<ModelRecord>)> {
+        let PreparedIngest { extracted, req, meta, stats, segment } = prepared;
+        let req = &req;
+        let n_layers = extracted.layers.len() as u32;
         progress(Phase::Writing, 0, n_layers);
 
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -696,6 +724,30 @@ impl Engine {
     /// Runs `f` with a read view of the catalogue (for analytics over many layers).
     pub fn with_catalog<T>(&self, f: impl FnOnce(&Catalog) -> T) -> T {
         f(&self.read_catalog())
+    }
+}
+
+/// What [`Engine::prepare_extracted`] found.
+pub enum Prepared {
+    /// The same content is already stored under this name: nothing to commit.
+    Unchanged(Arc<ModelRecord>),
+    /// Statistics computed; commit with [`Engine::commit_prepared`].
+    Ready(Box<PreparedIngest>),
+}
+
+/// A model with its statistics, ready to commit.
+pub struct PreparedIngest {
+    extracted: readers::ExtractedModel,
+    req: IngestRequest,
+    meta: NormalizedMeta,
+    stats: Vec<LayerStats>,
+    segment: Option<crate::ann::Segment>,
+}
+
+impl PreparedIngest {
+    /// Number of filters.
+    pub fn n_filters(&self) -> u64 {
+        self.extracted.n_filters()
     }
 }
 

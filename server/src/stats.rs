@@ -30,11 +30,9 @@ const CLEAN_EPS_INDEX: usize = 2;
 /// Filters per rayon work item at ingest; small layers run as one chunk.
 const CHUNK_FILTERS: usize = 8192;
 
-/// Output-channel rows per rayon work item of the orthogonality Gram matrix.
+/// Output-channel rows per rayon work item of the orthogonality Gram matrix (also fixes the
+/// order in which O is summed: changing it changes stored values in the last bits).
 const ORTHO_BLOCK_ROWS: usize = 64;
-
-/// Number of entries of the upper triangle (with diagonal) of a 9x9 matrix.
-const UPPER: usize = 45;
 
 /// Additive first and second moments of a set of 3x3 filters (9-vectors).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,9 +59,8 @@ impl Moments {
     /// Moments of raw `filters` (9 values per filter; a trailing partial filter is ignored).
     pub fn of(filters: &[f32]) -> Moments {
         let mut acc = Acc9::default();
-        for f in filters.chunks_exact(9) {
-            let x = widen(f);
-            acc.add(&x, &products(&x));
+        for f in filters.as_chunks::<9>().0 {
+            acc.add(&widen(f));
         }
         acc.into_moments()
     }
@@ -317,19 +314,30 @@ pub fn orthogonality(filters: &[f32], out_channels: usize, in_channels: usize) -
         }
     }
     // Σ|G − I| over the upper triangle of block rows, counting off-diagonal entries twice
-    // (G is symmetric): each block is one matrixmultiply gemm, blocks run on rayon.
+    // (G is symmetric): each block is one matrixmultiply gemm, blocks run on rayon. The order
+    // of the sums (row by row in column order, blocks added in block order) is part of the
+    // stored values.
     let starts: Vec<usize> = (0..out_channels).step_by(ORTHO_BLOCK_ROWS).collect();
     let partial: Vec<f64> = starts
         .par_iter()
         .map(|&s| {
             let rows = ORTHO_BLOCK_ROWS.min(out_channels - s);
-            let block = wt.columns(s, rows).transpose();
-            let g = &block * wt.columns(s, out_channels - s);
+            if rows <= NALGEBRA_SMALL_DIM || out_channels - s <= NALGEBRA_SMALL_DIM {
+                return ortho_block_small(&wt, s, rows);
+            }
+            // The block transposed, Gᵀ[s.., s..s+rows] = (rows s.. of Ŵ) · (rows s..s+rows of
+            // Ŵ)ᵀ, so that each row of G is one contiguous column: matrixmultiply sums every
+            // entry over the kernel in the same order either way (its multiply-adds commute),
+            // and rows s.. of Ŵ are read in place (row stride in·9) without a transposed copy.
+            let rest = &wt.as_slice()[s * len..];
+            let after = BlockRows::from_slice_with_strides(rest, out_channels - s, len, len, 1);
+            let gt = after * wt.columns(s, rows);
             let mut acc = 0f64;
-            for r in 0..rows {
-                acc += (g[(r, r)] - 1.0).abs();
-                for c in (r + 1)..g.ncols() {
-                    acc += 2.0 * g[(r, c)].abs();
+            for (r, col) in gt.column_iter().enumerate() {
+                let col = col.as_slice();
+                acc += (col[r] - 1.0).abs();
+                for v in &col[r + 1..] {
+                    acc += 2.0 * v.abs();
                 }
             }
             acc
@@ -339,17 +347,73 @@ pub fn orthogonality(filters: &[f32], out_channels: usize, in_channels: usize) -
     Some(1.0 - c)
 }
 
+/// nalgebra multiplies with matrixmultiply only when every dimension exceeds this.
+const NALGEBRA_SMALL_DIM: usize = 5;
+
+/// A block with a dimension of at most [`NALGEBRA_SMALL_DIM`]: nalgebra's own product, which
+/// sums in another order, from exactly the input it always had.
+fn ortho_block_small(wt: &DMatrix<f64>, s: usize, rows: usize) -> f64 {
+    let out_channels = wt.ncols();
+    let g = &wt.columns(s, rows).transpose() * wt.columns(s, out_channels - s);
+    let mut acc = 0f64;
+    for r in 0..rows {
+        acc += (g[(r, r)] - 1.0).abs();
+        for c in (r + 1)..g.ncols() {
+            acc += 2.0 * g[(r, c)].abs();
+        }
+    }
+    acc
+}
+
+/// Rows of Ŵ as a strided view (row stride in·9, column stride 1).
+type BlockRows<'a> =
+    nalgebra::MatrixView<'a, f64, nalgebra::Dyn, nalgebra::Dyn, nalgebra::Dyn, nalgebra::Dyn>;
+
 /// The (scaled, strict) pairs of the stored clean moments, in storage order.
 fn clean_variants() -> [(bool, bool); 4] {
     [(false, true), (false, false), (true, true), (true, false)]
 }
 
+/// A filter widened to f64 and padded with zeros to 16 lanes, so that every product row of
+/// [`Acc9`] is one 8-lane multiply without shuffles.
+type Padded = [f64; 16];
+
+#[inline(always)]
+fn widen(f: &[f32; 9]) -> Padded {
+    let mut x = [0f64; 16];
+    for k in 0..9 {
+        x[k] = f64::from(f[k]);
+    }
+    x
+}
+
+/// Lanes d..d+8 of a padded filter.
+#[inline(always)]
+fn shifted(x: &Padded, d: usize) -> [f64; 8] {
+    std::array::from_fn(|i| x[i + d])
+}
+
+/// acc += a·b lane by lane (a multiply, then an add: no fused multiply-add).
+#[inline(always)]
+fn mul_add8(acc: &mut [f64; 8], a: &[f64; 8], b: &[f64; 8]) {
+    for i in 0..8 {
+        acc[i] += a[i] * b[i];
+    }
+}
+
 /// Streaming accumulator of Σf and the upper triangle of Σffᵀ.
+///
+/// The triangle is kept by diagonal: `diag[d][i]` is Σ x_i·x_{i+d} for i + d ≤ 8 (lanes past
+/// that only ever add products with the zero padding and are never read), and `last` is
+/// Σ x_8². Every entry receives the same products in the same order as a row-major triangle
+/// would, so the sums are the same to the bit; the layout only lets the compiler use 8-lane
+/// vectors.
 #[derive(Clone)]
 struct Acc9 {
     n: u64,
     sum: [f64; 9],
-    upper: [f64; UPPER],
+    diag: [[f64; 8]; 9],
+    last: f64,
 }
 
 impl Default for Acc9 {
@@ -357,20 +421,32 @@ impl Default for Acc9 {
         Acc9 {
             n: 0,
             sum: [0.0; 9],
-            upper: [0.0; UPPER],
+            diag: [[0.0; 8]; 9],
+            last: 0.0,
         }
     }
 }
 
 impl Acc9 {
-    fn add(&mut self, x: &[f64; 9], p: &[f64; UPPER]) {
+    #[inline(always)]
+    fn add(&mut self, x: &Padded) {
         self.n += 1;
         for (s, v) in self.sum.iter_mut().zip(x) {
             *s += v;
         }
-        for (u, v) in self.upper.iter_mut().zip(p) {
-            *u += v;
-        }
+        // Spelled out per diagonal: as a loop over d, the compiler vectorises across d with
+        // gathers and scatters instead of across i.
+        let a = shifted(x, 0);
+        mul_add8(&mut self.diag[0], &a, &a);
+        mul_add8(&mut self.diag[1], &a, &shifted(x, 1));
+        mul_add8(&mut self.diag[2], &a, &shifted(x, 2));
+        mul_add8(&mut self.diag[3], &a, &shifted(x, 3));
+        mul_add8(&mut self.diag[4], &a, &shifted(x, 4));
+        mul_add8(&mut self.diag[5], &a, &shifted(x, 5));
+        mul_add8(&mut self.diag[6], &a, &shifted(x, 6));
+        mul_add8(&mut self.diag[7], &a, &shifted(x, 7));
+        mul_add8(&mut self.diag[8], &a, &shifted(x, 8));
+        self.last += x[8] * x[8];
     }
 
     fn merge(&mut self, o: &Acc9) {
@@ -378,19 +454,30 @@ impl Acc9 {
         for (s, v) in self.sum.iter_mut().zip(&o.sum) {
             *s += v;
         }
-        for (u, v) in self.upper.iter_mut().zip(&o.upper) {
-            *u += v;
+        for (a, b) in self.diag.iter_mut().zip(&o.diag) {
+            for (u, v) in a.iter_mut().zip(b) {
+                *u += v;
+            }
+        }
+        self.last += o.last;
+    }
+
+    /// Σffᵀ entry (i, j), i ≤ j.
+    fn outer(&self, i: usize, j: usize) -> f64 {
+        if i == 8 {
+            self.last
+        } else {
+            self.diag[j - i][i]
         }
     }
 
     fn into_moments(self) -> Moments {
         let mut outer = vec![0f64; 81];
-        let mut k = 0;
         for i in 0..9 {
             for j in i..9 {
-                outer[i * 9 + j] = self.upper[k];
-                outer[j * 9 + i] = self.upper[k];
-                k += 1;
+                let v = self.outer(i, j);
+                outer[i * 9 + j] = v;
+                outer[j * 9 + i] = v;
             }
         }
         Moments {
@@ -428,47 +515,50 @@ impl ChunkAcc {
     }
 }
 
-fn widen(f: &[f32]) -> [f64; 9] {
-    let mut x = [0f64; 9];
-    for (xi, v) in x.iter_mut().zip(f) {
-        *xi = f64::from(*v);
-    }
-    x
+/// |v| of an f32 as ordered bits: for finite and infinite values the integer order of
+/// `bits & 0x7fff_ffff` is the order of |v|; NaN maps to 0, as `f64::max` ignores NaN.
+#[inline(always)]
+fn abs_bits(v: f32) -> u32 {
+    let b = v.to_bits() & 0x7fff_ffff;
+    if b > 0x7f80_0000 { 0 } else { b }
 }
 
-/// Upper triangle (with diagonal, row-major) of xxᵀ.
-fn products(x: &[f64; 9]) -> [f64; UPPER] {
-    let mut p = [0f64; UPPER];
-    let mut k = 0;
-    for i in 0..9 {
-        for j in i..9 {
-            p[k] = x[i] * x[j];
-            k += 1;
+/// Three passes over a layer, each in parallel over chunks of [`CHUNK_FILTERS`] filters: every
+/// filter's m = max_j |f_j|; the layer max (for the sparsity thresholds); then each chunk's
+/// counts and sums, merged in chunk order so the result does not depend on thread scheduling.
+fn accumulate(filters: &[f32]) -> LayerStats {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let Some(k) = Avx512::detect() {
+            return accumulate_with(k, filters);
+        }
+        if let Some(k) = Avx2::detect() {
+            return accumulate_with(k, filters);
         }
     }
-    p
+    accumulate_with(Portable, filters)
 }
 
-/// max_j |f_j| of a widened filter.
-fn linf(x: &[f64; 9]) -> f64 {
-    x.iter().fold(0f64, |m, v| m.max(v.abs()))
-}
-
-/// Two passes: the layer max (for the sparsity thresholds), then all sums per chunk in
-/// parallel, merged in chunk order so the result does not depend on thread scheduling.
-fn accumulate(filters: &[f32]) -> LayerStats {
-    let whole = &filters[..filters.len() / 9 * 9];
-    let abs_max = whole
-        .par_chunks(CHUNK_FILTERS * 9)
-        .map(|c| c.iter().fold(0f64, |m, v| m.max(f64::from(*v).abs())))
-        .reduce(|| 0.0, f64::max);
+fn accumulate_with(k: impl Kernel, filters: &[f32]) -> LayerStats {
+    let (whole, _) = filters.as_chunks::<9>();
+    let mut m = vec![0f32; whole.len()];
+    m.par_chunks_mut(CHUNK_FILTERS)
+        .zip(whole.par_chunks(CHUNK_FILTERS))
+        .for_each(|(m, f)| k.maxima(f, m));
+    // The max of the filters' maxima is max |w| (all are ≥ 0, none NaN).
+    let abs_max = f64::from(
+        m.par_chunks(CHUNK_FILTERS)
+            .map(|c| c.iter().fold(0f32, |a, &b| a.max(b)))
+            .reduce(|| 0.0, f32::max),
+    );
     let mut t = [0f64; 6];
     for (ti, eps) in t.iter_mut().zip(DEFAULT_SPARSITY_EPS) {
         *ti = if abs_max == 0.0 { 1.0 } else { eps * abs_max };
     }
     let parts: Vec<ChunkAcc> = whole
-        .par_chunks(CHUNK_FILTERS * 9)
-        .map(|c| accumulate_chunk(c, &t))
+        .par_chunks(CHUNK_FILTERS)
+        .zip(m.par_chunks(CHUNK_FILTERS))
+        .map(|(f, m)| k.chunk(f, m, &t))
         .collect();
     let mut total = ChunkAcc::default();
     for p in &parts {
@@ -506,41 +596,634 @@ fn accumulate(filters: &[f32]) -> LayerStats {
     }
 }
 
-fn accumulate_chunk(chunk: &[f32], t: &[f64; 6]) -> ChunkAcc {
-    let mut a = ChunkAcc::default();
-    for f in chunk.chunks_exact(9) {
-        let x = widen(f);
-        let m = linf(&x);
-        let px = products(&x);
-        a.raw.add(&x, &px);
-        let (xs, ps) = if m > 0.0 {
-            let mut xs = x;
-            for v in xs.iter_mut() {
-                *v /= m;
-            }
-            (xs, products(&xs))
-        } else {
-            a.zero += 1;
-            (x, px)
-        };
-        a.scaled.add(&xs, &ps);
-        for (s, ti) in a.sparse.iter_mut().zip(t) {
-            s[0] += u64::from(m < *ti);
-            s[1] += u64::from(m <= *ti);
+/// The vector unit the statistics run on. Every kernel does the same arithmetic in the same
+/// order (a multiply then an add, never fused), so every bit of the result is the same on all.
+trait Kernel: Copy + Send + Sync {
+    /// `m[i]` = max_j |f_j| of `filters[i]` (NaN ignored, as `f64::max` does).
+    fn maxima(self, filters: &[[f32; 9]], m: &mut [f32]);
+
+    /// Counts and sums of one chunk, given its filters' maxima and the thresholds.
+    fn chunk(self, filters: &[[f32; 9]], m: &[f32], t: &[f64; 6]) -> ChunkAcc;
+
+    /// Adds the filters of `range` that `keep` (by m against `t`) to `acc`, raw or L∞-scaled
+    /// (x / m in f64; a zero filter stays as it is).
+    #[allow(clippy::too_many_arguments)]
+    fn sum_set(
+        self,
+        acc: &mut Acc9,
+        filters: &[[f32; 9]],
+        m: &[f32],
+        range: std::ops::Range<usize>,
+        scaled: bool,
+        keep: Keep,
+        t: f64,
+    );
+}
+
+/// Plain Rust, vectorised by the compiler for the baseline target.
+#[derive(Clone, Copy)]
+struct Portable;
+
+impl Kernel for Portable {
+    fn maxima(self, filters: &[[f32; 9]], m: &mut [f32]) {
+        maxima(filters, m)
+    }
+
+    fn chunk(self, filters: &[[f32; 9]], m: &[f32], t: &[f64; 6]) -> ChunkAcc {
+        chunk_with(self, filters, m, t)
+    }
+
+    #[inline(always)]
+    fn sum_set(
+        self,
+        acc: &mut Acc9,
+        filters: &[[f32; 9]],
+        m: &[f32],
+        range: std::ops::Range<usize>,
+        scaled: bool,
+        keep: Keep,
+        t: f64,
+    ) {
+        sum_set(acc, filters, m, range, scaled, keep, t)
+    }
+}
+
+/// The portable code compiled for AVX2. Only [`Avx2::detect`] makes one, on a CPU that has it.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Avx2(());
+
+#[cfg(target_arch = "x86_64")]
+impl Avx2 {
+    fn detect() -> Option<Avx2> {
+        std::arch::is_x86_feature_detected!("avx2").then_some(Avx2(()))
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn maxima_avx2(filters: &[[f32; 9]], m: &mut [f32]) {
+        maxima(filters, m)
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn chunk_avx2(self, filters: &[[f32; 9]], m: &[f32], t: &[f64; 6]) -> ChunkAcc {
+        chunk_with(self, filters, m, t)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Kernel for Avx2 {
+    fn maxima(self, filters: &[[f32; 9]], m: &mut [f32]) {
+        // SAFETY: `self` exists, so the CPU has AVX2, the only feature the function enables.
+        unsafe { Avx2::maxima_avx2(filters, m) }
+    }
+
+    fn chunk(self, filters: &[[f32; 9]], m: &[f32], t: &[f64; 6]) -> ChunkAcc {
+        // SAFETY: as above.
+        unsafe { self.chunk_avx2(filters, m, t) }
+    }
+
+    #[inline(always)]
+    fn sum_set(
+        self,
+        acc: &mut Acc9,
+        filters: &[[f32; 9]],
+        m: &[f32],
+        range: std::ops::Range<usize>,
+        scaled: bool,
+        keep: Keep,
+        t: f64,
+    ) {
+        sum_set(acc, filters, m, range, scaled, keep, t)
+    }
+}
+
+/// AVX-512F kernels (module [`avx512`]). Only [`Avx512::detect`] makes one, on a CPU that has it.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Avx512(());
+
+#[cfg(target_arch = "x86_64")]
+impl Avx512 {
+    fn detect() -> Option<Avx512> {
+        std::arch::is_x86_feature_detected!("avx512f").then_some(Avx512(()))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn chunk_avx512(self, filters: &[[f32; 9]], m: &[f32], t: &[f64; 6]) -> ChunkAcc {
+        chunk_with(self, filters, m, t)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Kernel for Avx512 {
+    fn maxima(self, filters: &[[f32; 9]], m: &mut [f32]) {
+        // SAFETY: `self` exists, so the CPU has AVX-512F, the only feature the function enables.
+        unsafe { avx512::maxima(filters, m) }
+    }
+
+    fn chunk(self, filters: &[[f32; 9]], m: &[f32], t: &[f64; 6]) -> ChunkAcc {
+        // SAFETY: as above.
+        unsafe { self.chunk_avx512(filters, m, t) }
+    }
+
+    #[inline(always)]
+    fn sum_set(
+        self,
+        acc: &mut Acc9,
+        filters: &[[f32; 9]],
+        m: &[f32],
+        range: std::ops::Range<usize>,
+        scaled: bool,
+        keep: Keep,
+        t: f64,
+    ) {
+        // SAFETY: as above.
+        unsafe { avx512::sum_set(acc, filters, m, range, scaled, keep, t) }
+    }
+}
+
+/// Per-filter maxima, portable.
+#[inline(always)]
+fn maxima(filters: &[[f32; 9]], m: &mut [f32]) {
+    for (mi, f) in m.iter_mut().zip(filters) {
+        *mi = f32::from_bits(f.iter().fold(0u32, |a, v| a.max(abs_bits(*v))));
+    }
+}
+
+/// A chunk's counts and sums. The counts come from the maxima alone. The sums run one loop
+/// per set, so an accumulator can stay in registers: the full set (raw, then scaled), and a
+/// clean set only from the first filter it skips, starting from a copy of the full set's sums
+/// at that point — exact, since until then it held the same filters added in the same order.
+/// Chunks without sparse filters so cost two sums instead of six. Strict-clean keeps m ≥ t and
+/// non-strict-clean m > t; they are the same set unless some filter has m = t.
+#[inline(always)]
+fn chunk_with(k: impl Kernel, filters: &[[f32; 9]], m: &[f32], t: &[f64; 6]) -> ChunkAcc {
+    let n = filters.len().min(m.len());
+    let (filters, m) = (&filters[..n], &m[..n]);
+    let mut sparse = [[0u64; 2]; 6];
+    for (s, &ti) in sparse.iter_mut().zip(t) {
+        let (mut strict, mut non_strict) = (0u64, 0u64);
+        for &mi in m {
+            strict += u64::from(f64::from(mi) < ti);
+            non_strict += u64::from(f64::from(mi) <= ti);
         }
-        let t_clean = t[CLEAN_EPS_INDEX];
-        for (acc, (scaled, strict)) in a.clean.iter_mut().zip(clean_variants()) {
-            let sparse = if strict { m < t_clean } else { m <= t_clean };
-            if !sparse {
-                if scaled {
-                    acc.add(&xs, &ps);
-                } else {
-                    acc.add(&x, &px);
-                }
+        *s = [strict, non_strict];
+    }
+    let zero = m.iter().filter(|&&mi| mi == 0.0).count() as u64;
+    let tc = t[CLEAN_EPS_INDEX];
+    let at = ClassAt {
+        n,
+        first_at_or_below: m.iter().position(|&mi| f64::from(mi) <= tc).unwrap_or(n),
+        first_below: m.iter().position(|&mi| f64::from(mi) < tc).unwrap_or(n),
+        any_at: m.iter().any(|&mi| f64::from(mi) == tc),
+        t: tc,
+    };
+    let [raw, raw_strict, raw_non_strict] = set_sums(k, filters, m, &at, false);
+    let [scaled, scaled_strict, scaled_non_strict] = set_sums(k, filters, m, &at, true);
+    ChunkAcc {
+        raw,
+        scaled,
+        // Indexed like `clean_variants`.
+        clean: [raw_strict, raw_non_strict, scaled_strict, scaled_non_strict],
+        sparse,
+        zero,
+    }
+}
+
+/// Where a chunk's filters first fall at or below the clean threshold `t`.
+struct ClassAt {
+    n: usize,
+    first_at_or_below: usize,
+    first_below: usize,
+    any_at: bool,
+    t: f64,
+}
+
+/// Which filters of a range a sum keeps, by m.
+#[derive(Clone, Copy, PartialEq)]
+enum Keep {
+    All,
+    AtLeast,
+    Above,
+}
+
+/// Sums of the full, strict-clean and non-strict-clean sets of a chunk, raw or scaled.
+#[inline(always)]
+fn set_sums(
+    k: impl Kernel,
+    filters: &[[f32; 9]],
+    m: &[f32],
+    c: &ClassAt,
+    scaled: bool,
+) -> [Acc9; 3] {
+    let (fa, fb, n) = (c.first_at_or_below, c.first_below, c.n);
+    let mut all = Acc9::default();
+    k.sum_set(&mut all, filters, m, 0..fa, scaled, Keep::All, c.t);
+    let at_fa = all.clone();
+    k.sum_set(&mut all, filters, m, fa..fb, scaled, Keep::All, c.t);
+    let at_fb = all.clone();
+    k.sum_set(&mut all, filters, m, fb..n, scaled, Keep::All, c.t);
+    let strict = if fb == n {
+        all.clone()
+    } else {
+        let mut s = at_fb;
+        k.sum_set(&mut s, filters, m, fb..n, scaled, Keep::AtLeast, c.t);
+        s
+    };
+    let non_strict = if fa == n {
+        all.clone()
+    } else if !c.any_at {
+        strict.clone()
+    } else {
+        let mut s = at_fa;
+        k.sum_set(&mut s, filters, m, fa..n, scaled, Keep::Above, c.t);
+        s
+    };
+    [all, strict, non_strict]
+}
+
+/// [`Kernel::sum_set`], portable.
+#[inline(always)]
+fn sum_set(
+    acc: &mut Acc9,
+    filters: &[[f32; 9]],
+    m: &[f32],
+    range: std::ops::Range<usize>,
+    scaled: bool,
+    keep: Keep,
+    t: f64,
+) {
+    let mut a = acc.clone();
+    for (f, &mi) in filters[range.clone()].iter().zip(&m[range]) {
+        let mi = f64::from(mi);
+        let kept = match keep {
+            Keep::All => true,
+            Keep::AtLeast => mi >= t,
+            Keep::Above => mi > t,
+        };
+        if !kept {
+            continue;
+        }
+        let mut x = widen(f);
+        if scaled && mi > 0.0 {
+            for v in x.iter_mut().take(9) {
+                *v /= mi;
+            }
+        }
+        a.add(&x);
+    }
+    *acc = a;
+}
+
+/// The AVX-512F kernels. [`sum_set`] keeps an accumulator in ten registers: x₀..x₇ in one and
+/// x₈ apart, and row d of the triangle by diagonal is x · (x shifted by d), the shift one
+/// two-source permute.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Acc9, Keep};
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn vec(a: &[f64; 8]) -> __m512d {
+        _mm512_set_pd(a[7], a[6], a[5], a[4], a[3], a[2], a[1], a[0])
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn array(v: __m512d) -> [f64; 8] {
+        let mut a = [0f64; 8];
+        // SAFETY: `a` holds 8 f64, the 64 bytes an unaligned 512-bit store writes.
+        unsafe { _mm512_storeu_pd(a.as_mut_ptr(), v) };
+        a
+    }
+
+    /// Lane i of the permute picks element i + d of (x₀..x₇, x₈, 0, …).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn shift(d: i64) -> __m512i {
+        _mm512_set_epi64(d + 7, d + 6, d + 5, d + 4, d + 3, d + 2, d + 1, d)
+    }
+
+    /// [`super::Kernel::maxima`]: |f| as bits (NaN → 0), a horizontal max of x₀..x₇, then x₈.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn maxima(filters: &[[f32; 9]], m: &mut [f32]) {
+        let abs = _mm256_set1_epi32(0x7fff_ffff);
+        let inf = _mm256_set1_epi32(0x7f80_0000);
+        for (mi, f) in m.iter_mut().zip(filters) {
+            let v = _mm256_castps_si256(_mm256_set_ps(
+                f[7], f[6], f[5], f[4], f[3], f[2], f[1], f[0],
+            ));
+            let b = _mm256_and_si256(v, abs);
+            let b = _mm256_andnot_si256(_mm256_cmpgt_epi32(b, inf), b);
+            let b = _mm256_max_epu32(b, _mm256_permute2x128_si256::<1>(b, b));
+            let b = _mm256_max_epu32(b, _mm256_shuffle_epi32::<0b0100_1110>(b));
+            let b = _mm256_max_epu32(b, _mm256_shuffle_epi32::<0b1011_0001>(b));
+            let b = (_mm256_cvtsi256_si32(b) as u32).max(super::abs_bits(f[8]));
+            *mi = f32::from_bits(b);
+        }
+    }
+
+    /// [`super::Kernel::sum_set`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn sum_set(
+        acc: &mut Acc9,
+        filters: &[[f32; 9]],
+        m: &[f32],
+        range: std::ops::Range<usize>,
+        scaled: bool,
+        keep: Keep,
+        t: f64,
+    ) {
+        let s = &acc.sum;
+        let mut sum = vec(&[s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]);
+        let (mut s8, mut last, mut n) = (s[8], acc.last, acc.n);
+        let mut g = acc.diag.map(|r| vec(&r));
+        let idx = [
+            shift(1),
+            shift(2),
+            shift(3),
+            shift(4),
+            shift(5),
+            shift(6),
+            shift(7),
+            shift(8),
+        ];
+        for (f, &mi) in filters[range.clone()].iter().zip(&m[range]) {
+            let mi = f64::from(mi);
+            let kept = match keep {
+                Keep::All => true,
+                Keep::AtLeast => mi >= t,
+                Keep::Above => mi > t,
+            };
+            if !kept {
+                continue;
+            }
+            n += 1;
+            let mut lo = _mm512_cvtps_pd(_mm256_set_ps(
+                f[7], f[6], f[5], f[4], f[3], f[2], f[1], f[0],
+            ));
+            let mut x8 = f64::from(f[8]);
+            if scaled && mi > 0.0 {
+                lo = _mm512_div_pd(lo, _mm512_set1_pd(mi));
+                x8 /= mi;
+            }
+            let hi = _mm512_set_pd(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, x8);
+            sum = _mm512_add_pd(sum, lo);
+            s8 += x8;
+            g[0] = _mm512_add_pd(g[0], _mm512_mul_pd(lo, lo));
+            for d in 1..9 {
+                let shifted = _mm512_permutex2var_pd(lo, idx[d - 1], hi);
+                g[d] = _mm512_add_pd(g[d], _mm512_mul_pd(lo, shifted));
+            }
+            last += x8 * x8;
+        }
+        acc.sum[..8].copy_from_slice(&array(sum));
+        acc.sum[8] = s8;
+        acc.last = last;
+        acc.n = n;
+        acc.diag = g.map(|v| array(v));
+    }
+}
+
+/// The implementation before the vectorised one (ingest of FilterDB ≤ 0.1.0), kept as the
+/// oracle: statistics must stay the same to the bit, so stored layers and new ones agree.
+#[cfg(test)]
+mod reference {
+    use super::*;
+
+    const UPPER: usize = 45;
+
+    #[derive(Clone)]
+    pub struct Acc9 {
+        pub n: u64,
+        pub sum: [f64; 9],
+        pub upper: [f64; UPPER],
+    }
+
+    impl Default for Acc9 {
+        fn default() -> Self {
+            Acc9 {
+                n: 0,
+                sum: [0.0; 9],
+                upper: [0.0; UPPER],
             }
         }
     }
-    a
+
+    impl Acc9 {
+        pub fn add(&mut self, x: &[f64; 9], p: &[f64; UPPER]) {
+            self.n += 1;
+            for (s, v) in self.sum.iter_mut().zip(x) {
+                *s += v;
+            }
+            for (u, v) in self.upper.iter_mut().zip(p) {
+                *u += v;
+            }
+        }
+
+        fn merge(&mut self, o: &Acc9) {
+            self.n += o.n;
+            for (s, v) in self.sum.iter_mut().zip(&o.sum) {
+                *s += v;
+            }
+            for (u, v) in self.upper.iter_mut().zip(&o.upper) {
+                *u += v;
+            }
+        }
+
+        pub fn into_moments(self) -> Moments {
+            let mut outer = vec![0f64; 81];
+            let mut k = 0;
+            for i in 0..9 {
+                for j in i..9 {
+                    outer[i * 9 + j] = self.upper[k];
+                    outer[j * 9 + i] = self.upper[k];
+                    k += 1;
+                }
+            }
+            Moments {
+                n: self.n,
+                sum: self.sum.to_vec(),
+                sum_outer: outer,
+            }
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct ChunkAcc {
+        raw: Acc9,
+        scaled: Acc9,
+        clean: [Acc9; 4],
+        sparse: [[u64; 2]; 6],
+        zero: u64,
+    }
+
+    impl ChunkAcc {
+        fn merge(&mut self, o: &ChunkAcc) {
+            self.raw.merge(&o.raw);
+            self.scaled.merge(&o.scaled);
+            for (a, b) in self.clean.iter_mut().zip(&o.clean) {
+                a.merge(b);
+            }
+            for (a, b) in self.sparse.iter_mut().zip(&o.sparse) {
+                a[0] += b[0];
+                a[1] += b[1];
+            }
+            self.zero += o.zero;
+        }
+    }
+
+    pub fn widen(f: &[f32]) -> [f64; 9] {
+        let mut x = [0f64; 9];
+        for (xi, v) in x.iter_mut().zip(f) {
+            *xi = f64::from(*v);
+        }
+        x
+    }
+
+    pub fn products(x: &[f64; 9]) -> [f64; UPPER] {
+        let mut p = [0f64; UPPER];
+        let mut k = 0;
+        for i in 0..9 {
+            for j in i..9 {
+                p[k] = x[i] * x[j];
+                k += 1;
+            }
+        }
+        p
+    }
+
+    fn linf(x: &[f64; 9]) -> f64 {
+        x.iter().fold(0f64, |m, v| m.max(v.abs()))
+    }
+
+    pub fn compute(filters: &[f32], out_channels: u32, in_channels: u32) -> LayerStats {
+        let mut s = accumulate(filters);
+        s.orthogonality = orthogonality(filters, out_channels as usize, in_channels as usize);
+        s
+    }
+
+    pub fn accumulate(filters: &[f32]) -> LayerStats {
+        let whole = &filters[..filters.len() / 9 * 9];
+        let abs_max = whole
+            .par_chunks(CHUNK_FILTERS * 9)
+            .map(|c| c.iter().fold(0f64, |m, v| m.max(f64::from(*v).abs())))
+            .reduce(|| 0.0, f64::max);
+        let mut t = [0f64; 6];
+        for (ti, eps) in t.iter_mut().zip(DEFAULT_SPARSITY_EPS) {
+            *ti = if abs_max == 0.0 { 1.0 } else { eps * abs_max };
+        }
+        let parts: Vec<ChunkAcc> = whole
+            .par_chunks(CHUNK_FILTERS * 9)
+            .map(|c| accumulate_chunk(c, &t))
+            .collect();
+        let mut total = ChunkAcc::default();
+        for p in &parts {
+            total.merge(p);
+        }
+        let raw = total.raw.into_moments();
+        LayerStats {
+            n: raw.n,
+            sum: raw.sum,
+            sum_outer: raw.sum_outer,
+            abs_max,
+            scaled: total.scaled.into_moments(),
+            clean: clean_variants()
+                .iter()
+                .zip(total.clean)
+                .map(|(&(scaled, strict), acc)| CleanMoments {
+                    scaled,
+                    strict,
+                    eps: CLEAN_EPS,
+                    moments: acc.into_moments(),
+                })
+                .collect(),
+            sparse: DEFAULT_SPARSITY_EPS
+                .iter()
+                .zip(total.sparse)
+                .map(|(&eps, [strict, non_strict])| SparseCount {
+                    eps,
+                    strict,
+                    non_strict,
+                })
+                .collect(),
+            zero_filters: total.zero,
+            orthogonality: None,
+        }
+    }
+
+    fn accumulate_chunk(chunk: &[f32], t: &[f64; 6]) -> ChunkAcc {
+        let mut a = ChunkAcc::default();
+        for f in chunk.chunks_exact(9) {
+            let x = widen(f);
+            let m = linf(&x);
+            let px = products(&x);
+            a.raw.add(&x, &px);
+            let (xs, ps) = if m > 0.0 {
+                let mut xs = x;
+                for v in xs.iter_mut() {
+                    *v /= m;
+                }
+                (xs, products(&xs))
+            } else {
+                a.zero += 1;
+                (x, px)
+            };
+            a.scaled.add(&xs, &ps);
+            for (s, ti) in a.sparse.iter_mut().zip(t) {
+                s[0] += u64::from(m < *ti);
+                s[1] += u64::from(m <= *ti);
+            }
+            let t_clean = t[CLEAN_EPS_INDEX];
+            for (acc, (scaled, strict)) in a.clean.iter_mut().zip(clean_variants()) {
+                let sparse = if strict { m < t_clean } else { m <= t_clean };
+                if !sparse {
+                    if scaled {
+                        acc.add(&xs, &ps);
+                    } else {
+                        acc.add(&x, &px);
+                    }
+                }
+            }
+        }
+        a
+    }
+
+    pub fn orthogonality(filters: &[f32], out_channels: usize, in_channels: usize) -> Option<f64> {
+        let len = in_channels.checked_mul(9)?;
+        if out_channels < 2 || len == 0 || out_channels.checked_mul(len)? != filters.len() {
+            return None;
+        }
+        let mut wt =
+            DMatrix::<f64>::from_iterator(len, out_channels, filters.iter().map(|&v| f64::from(v)));
+        for mut col in wt.column_iter_mut() {
+            let norm = col.norm();
+            if norm > 0.0 {
+                col /= norm;
+            }
+        }
+        let starts: Vec<usize> = (0..out_channels).step_by(ORTHO_BLOCK_ROWS).collect();
+        let partial: Vec<f64> = starts
+            .par_iter()
+            .map(|&s| {
+                let rows = ORTHO_BLOCK_ROWS.min(out_channels - s);
+                let block = wt.columns(s, rows).transpose();
+                let g = &block * wt.columns(s, out_channels - s);
+                let mut acc = 0f64;
+                for r in 0..rows {
+                    acc += (g[(r, r)] - 1.0).abs();
+                    for c in (r + 1)..g.ncols() {
+                        acc += 2.0 * g[(r, c)].abs();
+                    }
+                }
+                acc
+            })
+            .collect();
+        let c: f64 =
+            partial.iter().sum::<f64>() / (out_channels as f64 * (out_channels as f64 - 1.0));
+        Some(1.0 - c)
+    }
 }
 
 #[cfg(test)]
@@ -574,7 +1257,160 @@ mod tests {
         })
     }
 
+    /// Every number of the statistics as bits (0.0 and -0.0 differ, NaN equals itself).
+    fn bits(s: &LayerStats) -> Vec<u64> {
+        fn moments(v: &mut Vec<u64>, m: &Moments) {
+            v.push(m.n);
+            v.extend(m.sum.iter().chain(&m.sum_outer).map(|x| x.to_bits()));
+        }
+        let mut v = vec![s.n, s.abs_max.to_bits(), s.zero_filters];
+        moments(&mut v, &s.raw());
+        moments(&mut v, &s.scaled);
+        for c in &s.clean {
+            v.extend([u64::from(c.scaled), u64::from(c.strict), c.eps.to_bits()]);
+            moments(&mut v, &c.moments);
+        }
+        for c in &s.sparse {
+            v.extend([c.eps.to_bits(), c.strict, c.non_strict]);
+        }
+        v.push(s.orthogonality.map_or(1, |o| o.to_bits() ^ 1 << 63));
+        v
+    }
+
+    /// Layers mixing every case the clean sets branch on: zero and negative-zero filters,
+    /// tiny ones, and (with a filter of max 100 first, so t = 1 at ε = 1 %) filters whose max
+    /// is exactly the threshold.
+    fn tricky_strategy() -> impl Strategy<Value = Vec<f32>> {
+        (
+            any::<bool>(),
+            prop::collection::vec((prop::array::uniform9(-3.0f32..3.0), 0u8..8), 0..80),
+        )
+            .prop_map(|(anchor, fs)| {
+                let mut out = Vec::new();
+                if anchor {
+                    out.extend([100.0f32, -3.0, 2.0, 0.0, 1.0, 0.5, -0.25, 7.0, 1.5]);
+                }
+                for (f, kind) in fs {
+                    let mx = f.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    out.extend(match kind {
+                        0 => [0.0; 9],
+                        1 => [-0.0; 9],
+                        2 => f.map(|v| v * 1e-3),
+                        3 if mx > 0.0 => f.map(|v| v / mx),
+                        4 => f.map(|v| v * 0.3),
+                        _ => f,
+                    });
+                }
+                out
+            })
+    }
+
+    /// A layer of several chunks: no sparse filter in the first, then sparse and threshold
+    /// filters in different orders.
+    fn multi_chunk_layer() -> Vec<f32> {
+        let n = 4 * CHUNK_FILTERS + 17;
+        let mut f = vec![0f32; n * 9];
+        f[0] = 100.0;
+        for i in 1..n {
+            let h = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+            let chunk = i / CHUNK_FILTERS;
+            let kind = if chunk == 0 {
+                5
+            } else {
+                h % (3 + chunk as u64)
+            };
+            for k in 0..9 {
+                let v = ((h >> (k * 2)) % 2000) as f32 / 1000.0 - 1.0 + 2.5 * (k % 2) as f32;
+                f[i * 9 + k] = match kind {
+                    0 => 0.0,
+                    1 => v * 1e-3,
+                    2 if k == 4 => 1.0,
+                    2 => v.clamp(-1.0, 1.0) * 0.5,
+                    3 => -0.0,
+                    _ => v,
+                };
+            }
+        }
+        f
+    }
+
+    #[test]
+    fn statistics_equal_the_reference_to_the_bit_on_many_chunks() {
+        let f = multi_chunk_layer();
+        let s = LayerStats::compute(&f, 1, f.len() as u32 / 9);
+        let c = s.sparse_count(CLEAN_EPS).unwrap();
+        assert!(c.strict > 0 && c.non_strict > c.strict, "{c:?}");
+        assert_eq!(
+            bits(&s),
+            bits(&reference::compute(&f, 1, f.len() as u32 / 9))
+        );
+        let want = bits(&reference::accumulate(&f));
+        assert_eq!(bits(&accumulate_with(Portable, &f)), want, "portable");
+        #[cfg(target_arch = "x86_64")]
+        {
+            if let Some(k) = Avx2::detect() {
+                assert_eq!(bits(&accumulate_with(k, &f)), want, "avx2");
+            }
+            if let Some(k) = Avx512::detect() {
+                assert_eq!(bits(&accumulate_with(k, &f)), want, "avx512");
+            }
+        }
+    }
+
+    #[test]
+    fn orthogonality_equals_the_reference_to_the_bit() {
+        for (out, inp) in [
+            (2usize, 1usize),
+            (5, 40),
+            (9, 1),
+            (63, 2),
+            (64, 3),
+            (65, 1),
+            (69, 30),
+            (68, 3),
+            (70, 64),
+            (130, 40),
+            (200, 29),
+            (257, 2),
+            (1000, 1),
+        ] {
+            let mut f: Vec<f32> = (0..out * inp * 9)
+                .map(|k| {
+                    (((k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 41) as f32 / 4e6) - 1.0
+                })
+                .collect();
+            // A zero output channel and a duplicated one.
+            f[9 * inp..18 * inp].fill(0.0);
+            if out > 3 {
+                let (a, b) = f.split_at_mut(3 * 9 * inp);
+                b[..9 * inp].copy_from_slice(&a[..9 * inp]);
+            }
+            let got = orthogonality(&f, out, inp);
+            let want = reference::orthogonality(&f, out, inp);
+            assert_eq!(
+                got.map(f64::to_bits),
+                want.map(f64::to_bits),
+                "{out} x {inp}: {got:?} vs {want:?}"
+            );
+        }
+    }
+
     proptest! {
+        /// The statistics are those of the reference implementation, to the bit.
+        #[test]
+        fn statistics_equal_the_reference_to_the_bit(f in tricky_strategy()) {
+            prop_assert_eq!(bits(&LayerStats::of(&f)), bits(&reference::accumulate(&f)));
+            let m = Moments::of(&f);
+            let mut r = reference::Acc9::default();
+            for c in f.chunks_exact(9) {
+                let x = reference::widen(c);
+                r.add(&x, &reference::products(&x));
+            }
+            let r = r.into_moments();
+            prop_assert_eq!(m.n, r.n);
+            prop_assert!(m.sum.iter().chain(&m.sum_outer).map(|x| x.to_bits()).eq(r.sum.iter().chain(&r.sum_outer).map(|x| x.to_bits())));
+        }
+
         #[test]
         fn merged_stats_equal_stats_of_the_union(a in prop::collection::vec(-3.0f32..3.0, 0..200), b in prop::collection::vec(-3.0f32..3.0, 0..200)) {
             let a = &a[..a.len() / 9 * 9];
@@ -604,12 +1440,12 @@ mod tests {
             prop_assert!(moments_close(&raw, &Moments::of(&all)));
             prop_assert!(moments_close(&m.raw(), &Moments::of(&all)));
             // Scaled union the slow way (f64 quotients, as stats accumulates them).
-            let mut scaled_union = Acc9::default();
+            let mut scaled_union = reference::Acc9::default();
             for f in all.chunks_exact(9) {
-                let x = widen(f);
+                let x = reference::widen(f);
                 let mx = x.iter().fold(0f64, |a, v| a.max(v.abs()));
                 let xs = if mx > 0.0 { x.map(|v| v / mx) } else { x };
-                scaled_union.add(&xs, &products(&xs));
+                scaled_union.add(&xs, &reference::products(&xs));
             }
             prop_assert!(moments_close(&m.scaled, &scaled_union.into_moments()));
             for (scaled, strict) in clean_variants() {

@@ -43,6 +43,14 @@ pub enum StoreError {
         /// What failed.
         detail: String,
     },
+    /// A file next to the database (a block SST being built) could not be written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: String,
+        /// What failed.
+        source: std::io::Error,
+    },
     /// A migration step failed.
     #[error("migration to schema version {to} ({name}) failed: {detail}")]
     Migration {
@@ -63,7 +71,17 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub struct Store {
     db: Arc<DB>,
     dir: PathBuf,
+    /// Block bytes from which a model's blocks are ingested as an SST file.
+    sst_min_bytes: usize,
 }
+
+/// Block bytes from which a model's filter blocks are ingested as an SST file rather than put
+/// in its write batch (the file costs a few fsyncs; a batch costs a WAL copy, a memtable copy,
+/// a flush and compactions per byte).
+pub const SST_MIN_BYTES: usize = 4 << 20;
+
+/// Folder inside the database folder where block SST files are built.
+const SST_STAGING: &str = "sst-staging";
 
 /// Everything needed to rebuild the in-memory catalogue at startup.
 pub struct Loaded {
@@ -106,7 +124,9 @@ impl Store {
         opts.set_allow_mmap_reads(true);
         let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, cf_options(n)));
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
-        let store = Store { db: Arc::new(db), dir: dir.to_path_buf() };
+        let store = Store { db: Arc::new(db), dir: dir.to_path_buf(), sst_min_bytes: SST_MIN_BYTES };
+        // SST files of ingests that never reached their ingestion.
+        let _ = std::fs::remove_dir_all(store.sst_staging_dir());
         store.check_schema()?;
         store.cleanup_pending()?;
         Ok(store)
@@ -219,8 +239,10 @@ impl Store {
     }
 
     /// Stores a whole model atomically: after this returns, the model survives a crash, and
-    /// before it, no part of it is visible. Blocks of large models are written ahead in
-    /// bounded batches under a pending marker, and the final synced batch makes them visible.
+    /// before it, no part of it is visible. The filter blocks of a model of at least
+    /// [`SST_MIN_BYTES`] are written as one SST file and ingested into the LSM tree (written
+    /// once: no WAL, memtable, flush or compaction) under a pending marker, and the final
+    /// synced batch makes them visible; smaller models put their blocks in that batch.
     /// `replaces` is deleted in the same final batch.
     pub fn commit_model(
         &self,
@@ -231,37 +253,21 @@ impl Store {
         histograms: &[(u32, u64, LayerHistogram)],
         segment: Option<(u32, &[u8])>,
     ) -> Result<()> {
-        const AHEAD_BYTES: usize = 64 << 20;
         let blocks_cf = self.cf(CF_FILTER_BLOCKS)?;
         let total_bytes: usize = layers.iter().map(|(_, _, f)| f.len() * 4).sum();
         let mut batch = WriteBatch::default();
-        let ahead = total_bytes > AHEAD_BYTES;
+        let ahead = total_bytes >= self.sst_min_bytes;
         let pending = pending_key(model.model_id);
         if ahead {
-            let p = PendingIngest {
-                first_layer_id: model.first_layer_id,
-                end_layer_id: model.first_layer_id + u64::from(model.n_layers),
-            };
-            let mut marker = WriteBatch::default();
-            marker.put_cf(self.cf(CF_META)?, &pending, encode(&p));
-            self.db.write_opt(marker, &sync_write())?;
-        }
-        for (rec, _, filters) in layers {
+            self.ingest_blocks(model, layers, &pending)?;
+        } else {
             let mut buf = Vec::new();
-            for (bi, chunk) in filters.chunks(BLOCK_FILTERS as usize * 9).enumerate() {
-                buf.clear();
-                buf.reserve(chunk.len() * 4);
-                for v in chunk {
-                    buf.extend_from_slice(&v.to_le_bytes());
-                }
-                batch.put_cf(blocks_cf, block_key(rec.layer_id, bi as u32), &buf);
-                if ahead && batch.size_in_bytes() >= AHEAD_BYTES {
-                    self.db.write_opt(std::mem::take(&mut batch), &WriteOptions::default())?;
+            for (rec, _, filters) in layers {
+                for (bi, chunk) in filters.chunks(BLOCK_FILTERS as usize * 9).enumerate() {
+                    encode_block(chunk, &mut buf);
+                    batch.put_cf(blocks_cf, block_key(rec.layer_id, bi as u32), &buf);
                 }
             }
-        }
-        if ahead {
-            self.db.write_opt(std::mem::take(&mut batch), &WriteOptions::default())?;
         }
         if let Some((old, old_layers)) = replaces {
             self.delete_into(&mut batch, old, old_layers)?;
@@ -293,6 +299,59 @@ impl Store {
         }
         self.db.write_opt(batch, &sync_write())?;
         Ok(())
+    }
+
+    /// Writes a model's filter blocks into an SST file, marks them pending (synced), and
+    /// ingests the file. Until the model's final batch deletes the marker, a restart removes
+    /// the blocks again ([`Store::cleanup_pending`]).
+    fn ingest_blocks(
+        &self,
+        model: &ModelRecord,
+        layers: &[(LayerRecord, LayerStats, &[f32])],
+        pending: &[u8],
+    ) -> Result<()> {
+        let staging = self.sst_staging_dir();
+        std::fs::create_dir_all(&staging).map_err(|e| io_error(&staging, e))?;
+        let path = staging.join(format!("blocks-{}-{}.sst", model.model_id, std::process::id()));
+        let result = (|| {
+            // Keys must be added in order: layers by id, blocks by index.
+            let mut order: Vec<usize> = (0..layers.len()).collect();
+            order.sort_by_key(|&i| layers[i].0.layer_id);
+            // The column family's own settings: uncompressed blocks with bloom filters, so
+            // search re-ranking reads single filters through mmap from these files too.
+            let o = cf_options(CF_FILTER_BLOCKS);
+            let mut w = rocksdb::SstFileWriter::create(&o);
+            w.open(&path)?;
+            let mut buf = Vec::new();
+            for i in order {
+                let (rec, _, filters) = &layers[i];
+                for (bi, chunk) in filters.chunks(BLOCK_FILTERS as usize * 9).enumerate() {
+                    encode_block(chunk, &mut buf);
+                    w.put(block_key(rec.layer_id, bi as u32), &buf)?;
+                }
+            }
+            w.finish()?;
+            let p = PendingIngest {
+                first_layer_id: model.first_layer_id,
+                end_layer_id: model.first_layer_id + u64::from(model.n_layers),
+            };
+            let mut marker = WriteBatch::default();
+            marker.put_cf(self.cf(CF_META)?, pending, encode(&p));
+            self.db.write_opt(marker, &sync_write())?;
+            let mut io = rocksdb::IngestExternalFileOptions::default();
+            io.set_move_files(true);
+            self.db.ingest_external_file_cf_opts(self.cf(CF_FILTER_BLOCKS)?, &io, vec![&path])?;
+            Ok(())
+        })();
+        // Moved files are hard links: the staging name goes either way.
+        let _ = std::fs::remove_file(&path);
+        result
+    }
+
+    /// Where SST files are built before ingestion: inside the database folder, so that the
+    /// ingestion is a hard link (same filesystem) and a restart finds leftovers.
+    fn sst_staging_dir(&self) -> PathBuf {
+        self.dir.join(SST_STAGING)
     }
 
     fn delete_into(&self, batch: &mut WriteBatch, model: &ModelRecord, layers: &[LayerRecord]) -> Result<()> {
@@ -655,6 +714,21 @@ impl Store {
     }
 }
 
+/// Filter values as stored: f32 little-endian, in order.
+fn encode_block(values: &[f32], buf: &mut Vec<u8>) {
+    buf.clear();
+    #[cfg(target_endian = "little")]
+    buf.extend_from_slice(bytemuck::cast_slice(values));
+    #[cfg(not(target_endian = "little"))]
+    for v in values {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io { path: path.display().to_string(), source }
+}
+
 fn sync_write() -> WriteOptions {
     let mut w = WriteOptions::default();
     w.set_sync(true);
@@ -753,6 +827,57 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.schema_version().unwrap(), Some(migrations::CURRENT_VERSION));
         assert_eq!(s.load_all().unwrap().next_ids, NextIds::default());
+    }
+
+    #[test]
+    fn blocks_ingested_as_an_sst_file_read_back_and_a_crash_before_the_commit_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        s.sst_min_bytes = 1;
+        let empty = count_keys(&s);
+        let filters: Vec<f32> = (0..9 * 5000).map(|x| x as f32 * 0.5 - 7.0).collect();
+        let mut m = model(0, 0, 0, 2);
+        m.n_filters = 10_000;
+        let l0 = LayerRecord {
+            layer_id: 0,
+            model_id: 0,
+            layer_index: 0,
+            tensor_name: "a".into(),
+            out_channels: 50,
+            in_channels: 100,
+            groups: None,
+            conv_depth: 0,
+            conv_depth_norm: 0.0,
+            first_filter_id: 0,
+            n_filters: 5000,
+        };
+        let l1 = LayerRecord { layer_id: 1, layer_index: 1, first_filter_id: 5000, ..l0.clone() };
+        let stats = LayerStats::of(&filters);
+        // Layers out of id order: the SST gets its keys sorted.
+        let rows = vec![(l1.clone(), stats.clone(), filters.as_slice()), (l0.clone(), stats, filters.as_slice())];
+        s.commit_model(&m, &rows, NextIds { model: 1, layer: 2, filter: 10_000 }, None, &[], None).unwrap();
+        for l in [&l0, &l1] {
+            assert_eq!(s.read_layer_filters(None, l, 0, 5000).unwrap(), filters);
+        }
+        assert!(s.db.get_cf(s.cf(CF_META).unwrap(), pending_key(0)).unwrap().is_none());
+        assert_eq!(std::fs::read_dir(s.sst_staging_dir()).unwrap().count(), 0, "staging file removed");
+        s.delete_model(&m, &[l0.clone(), l1.clone()]).unwrap();
+        assert_eq!(count_keys(&s), empty);
+
+        // Ingested but never committed (a crash before the final batch): the next open
+        // removes the blocks and the marker.
+        let mut m2 = model(1, 2, 10_000, 1);
+        m2.n_filters = 5000;
+        let l2 = LayerRecord { layer_id: 2, model_id: 1, first_filter_id: 10_000, ..l0 };
+        let rows = vec![(l2.clone(), LayerStats::of(&filters), filters.as_slice())];
+        s.ingest_blocks(&m2, &rows, &pending_key(1)).unwrap();
+        assert!(s.db.get_cf(s.cf(CF_FILTER_BLOCKS).unwrap(), block_key(2, 0)).unwrap().is_some());
+        std::fs::write(s.sst_staging_dir().join("blocks-9-1.sst"), b"half written").unwrap();
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.db.get_cf(s.cf(CF_FILTER_BLOCKS).unwrap(), block_key(2, 0)).unwrap().is_none());
+        assert!(s.db.get_cf(s.cf(CF_META).unwrap(), pending_key(1)).unwrap().is_none());
+        assert!(!s.sst_staging_dir().exists(), "leftover SST files removed at open");
     }
 
     #[test]
