@@ -125,8 +125,8 @@ fn gen_layer(seed: u64, mi: usize, li: usize, (out, inp, scale): (u32, u32, f32)
             continue;
         }
         let c = &cs[(r.next_u64() % CENTRES as u64) as usize];
-        for d in 0..9 {
-            v.push(scale * (c[d] + 0.3 * r.normal()));
+        for x in c {
+            v.push(scale * (x + 0.3 * r.normal()));
         }
     }
     v
