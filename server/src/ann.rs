@@ -601,6 +601,16 @@ impl Ord for Approx {
     }
 }
 
+/// Keeps the `m` best candidates in a max-heap.
+fn offer(heap: &mut BinaryHeap<Approx>, m: usize, a: Approx) {
+    if heap.len() < m {
+        heap.push(a);
+    } else if heap.peek().is_some_and(|w| a < *w) {
+        heap.pop();
+        heap.push(a);
+    }
+}
+
 /// The in-memory index of one quantizer version.
 #[derive(Debug)]
 pub struct Index {
@@ -758,13 +768,7 @@ impl Index {
                     best = best.min(acc);
                 }
                 let clamped = code.iter().any(|v| *v == 127 || *v == -127);
-                let a = Approx { d: best, id, eps: if clamped { f32::INFINITY } else { eps } };
-                if heap.len() < m {
-                    heap.push(a);
-                } else if heap.peek().is_some_and(|w| a < *w) {
-                    heap.pop();
-                    heap.push(a);
-                }
+                offer(heap, m, Approx { d: best, id, eps: if clamped { f32::INFINITY } else { eps } });
             });
         };
         let work: usize = cells.iter().map(|&c| self.lists[c].len()).sum();
@@ -789,12 +793,7 @@ impl Index {
                     || (BinaryHeap::new(), 0u64),
                     |(mut h1, c1), (h2, c2)| {
                         for a in h2 {
-                            if h1.len() < m {
-                                h1.push(a);
-                            } else if h1.peek().is_some_and(|w| a < *w) {
-                                h1.pop();
-                                h1.push(a);
-                            }
+                            offer(&mut h1, m, a);
                         }
                         (h1, c1 + c2)
                     },

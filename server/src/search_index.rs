@@ -383,16 +383,8 @@ impl Engine {
         };
         let version = quantizer.version;
         self.search_index.set(|s| s.version = version);
-        // Which models already have a segment of this version (a catch-up build encodes the
-        // rest only).
-        let mut have = std::collections::HashSet::new();
-        self.store.segments(version, |id, _| {
-            have.insert(id);
-            Ok(())
-        })?;
-        let todo: Vec<(Arc<crate::store::records::ModelRecord>, Vec<Arc<crate::catalog::CatalogLayer>>)> = self.with_catalog(|c| {
-            c.models_after(None).filter(|m| !have.contains(&m.model_id)).map(|m| (m.clone(), c.model_layers(m))).collect()
-        });
+        // A catch-up build encodes only the models without a segment of this version.
+        let (_, todo) = self.models_without_segment(version)?;
         let to_encode: u64 = todo.iter().map(|(m, _)| m.n_filters).sum();
         phase("encoding", 0, to_encode);
         let mut done = 0u64;
@@ -423,14 +415,7 @@ impl Engine {
         // current, and load the lists from the stored segments (model-id order).
         phase("switching", done, to_encode);
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut have = std::collections::HashSet::new();
-        self.store.segments(version, |id, _| {
-            have.insert(id);
-            Ok(())
-        })?;
-        let late: Vec<_> = self.with_catalog(|c| {
-            c.models_after(None).filter(|m| !have.contains(&m.model_id)).map(|m| (m.clone(), c.model_layers(m))).collect()
-        });
+        let (have, late) = self.models_without_segment(version)?;
         let mut late_segments = Vec::new();
         for (m, layers) in &late {
             late_segments.push((m.model_id, self.encode_stored_model(&quantizer, m, layers)?.encode()));
@@ -446,6 +431,27 @@ impl Engine {
         let ix = load_index(&self.store)?;
         *self.search_index.index.write().unwrap_or_else(|p| p.into_inner()) = ix;
         Ok(())
+    }
+
+    /// The model ids holding a segment of `version`, and the stored models (with their
+    /// layers) that hold none.
+    #[allow(clippy::type_complexity)]
+    fn models_without_segment(
+        &self,
+        version: u32,
+    ) -> Result<(
+        std::collections::HashSet<u64>,
+        Vec<(Arc<crate::store::records::ModelRecord>, Vec<Arc<crate::catalog::CatalogLayer>>)>,
+    )> {
+        let mut have = std::collections::HashSet::new();
+        self.store.segments(version, |id, _| {
+            have.insert(id);
+            Ok(())
+        })?;
+        let missing = self.with_catalog(|c| {
+            c.models_after(None).filter(|m| !have.contains(&m.model_id)).map(|m| (m.clone(), c.model_layers(m))).collect()
+        });
+        Ok((have, missing))
     }
 
     /// Writes segments of a build, skipping models deleted meanwhile (checked under the write

@@ -473,16 +473,6 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes a version's records (an abandoned build).
-    pub fn drop_search_version(&self, version: u32) -> Result<()> {
-        let cf = self.cf(CF_SEARCH_INDEX)?;
-        let mut batch = WriteBatch::default();
-        batch.delete_cf(cf, quantizer_key(version));
-        batch.delete_range_cf(cf, segment_key(version, 0), segment_key(version + 1, 0));
-        self.db.write_opt(batch, &sync_write())?;
-        Ok(())
-    }
-
     /// Reads single filters of a layer by index within the layer, from a consistent view: each
     /// block is fetched once (pinned, not copied) however many of its filters are asked for.
     /// `idx` must be sorted ascending; returns the filters in that order.
