@@ -373,3 +373,43 @@ async fn search_index_survives_kill_9_after_ingest_and_mid_build() {
     assert_eq!((st.models, st.entries), (3, store.rows.len() as u64));
     proc.kill9();
 }
+
+/// Bad requests to the index: a rebuild with nothing stored is FAILED_PRECONDITION and leaves
+/// no index version behind; nprobe/rerank without the approximate mode are INVALID_ARGUMENT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_index_rejects_a_rebuild_of_an_empty_store_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let _ = server.client().await;
+    let ch = Channel::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
+    let mut admin = AdminClient::new(ch.clone());
+    let mut s = SearchClient::new(ch);
+    let err = match admin.rebuild_search_index(pb::RebuildSearchIndexRequest { retrain: true }).await {
+        Err(e) => e,
+        Ok(r) => {
+            let mut stream = r.into_inner();
+            loop {
+                match stream.message().await {
+                    Err(e) => break e,
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("a rebuild of an empty store succeeded"),
+                }
+            }
+        }
+    };
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("no filters stored"), "{}", err.message());
+    let st = status(&mut s).await;
+    assert_eq!((st.version, st.entries, st.models), (0, 0, 0), "nothing stored");
+    let mut req = request(&[0.0; 9], pb::SearchMode::Exact, 0, 3, None);
+    req.nprobe = 0;
+    let err = s.nearest(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("rerank"), "{}", err.message());
+    server.stop().await;
+    // After a restart there is still no index version on disk.
+    let server = TestServer::start(dir.path()).await;
+    let ch = Channel::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
+    assert_eq!(status(&mut SearchClient::new(ch)).await.version, 0);
+    server.stop().await;
+}
