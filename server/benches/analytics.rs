@@ -873,6 +873,24 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, reuse: bool, work
         human_bytes(parquet_bytes)
     );
 
+    // Steady state before timing: RocksDB's background compactions after the bulk build would
+    // otherwise share the 2 cores with the queries.
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_secs(600) {
+        let db = engine.store().db();
+        let busy = db.property_int_value("rocksdb.num-running-compactions")?.unwrap_or(0)
+            + db.property_int_value("rocksdb.num-running-flushes")?.unwrap_or(0)
+            + match db.cf_handle(filterdb::store::keys::CF_FILTER_BLOCKS) {
+                Some(cf) => db.property_int_value_cf(cf, "rocksdb.compaction-pending")?.unwrap_or(0),
+                None => 0,
+            };
+        if busy == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("background compactions settled after {:.1} s", settle.elapsed().as_secs_f64());
+
     // 4a. Engine-only timings (no gRPC), for attribution.
     let engine_ms = {
         let e = &engine;
@@ -920,20 +938,16 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, reuse: bool, work
         eprintln!("profiling done: {n} calls, {:.3} ms each", t.elapsed().as_secs_f64() * 1e3 / n as f64);
     }
 
-    // 4b. Through gRPC: the server as shipped (its listener as `main` binds it), then with
-    // TCP_NODELAY set on the listening socket (Linux passes it on to accepted sockets), which
-    // isolates Nagle/delayed-ACK stalls: tonic ignores its own `tcp_nodelay` setting when it is
-    // given an incoming stream, as `serve` does.
+    // 4b. Through gRPC: the server as shipped (`serve` sets TCP_NODELAY on accepted sockets).
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let loadavg: String = loadavg.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let (grpc_ms, answers, sizes_bytes) = rt.block_on(grpc_round(&engine, false, runs))?;
-    let (nodelay_ms, _, _) = rt.block_on(grpc_round(&engine, true, runs))?;
+    let (grpc_ms, answers, sizes_bytes) = rt.block_on(grpc_round(&engine, runs))?;
     let codec = [codec_ms(&answers.drift), codec_ms(&answers.basis), codec_ms(&answers.quality), codec_ms(&answers.census)];
     for (i, name) in ["DriftMatrix", "Basis", "LayerQuality", "Census"].iter().enumerate() {
         eprintln!(
-            "server {name:<13} p50 {:>9.3} ms  p95 {:>9.3} ms  (TCP_NODELAY p50 {:>9.3} ms, engine only p50 {:>9.3} ms)",
-            grpc_ms[i].p50, grpc_ms[i].p95, nodelay_ms[i].p50, engine_ms[i].p50
+            "server {name:<13} p50 {:>9.3} ms  p95 {:>9.3} ms  (engine only p50 {:>9.3} ms)",
+            grpc_ms[i].p50, grpc_ms[i].p95, engine_ms[i].p50
         );
     }
     drop(engine);
@@ -982,19 +996,16 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, reuse: bool, work
         goals.push((name, g.p50 <= GOAL_MS, ratio.map(|r| r >= GOAL_RATIO)));
     }
     writeln!(md)?;
-    writeln!(md, "Attribution: the same call on the `Engine` without gRPC, and through gRPC with TCP_NODELAY on the server's listening socket.\n")?;
-    writeln!(md, "| query | engine-only p50 ms | engine-only p95 ms | gRPC + TCP_NODELAY p50 ms | p95 ms | ratio (TCP_NODELAY) | response bytes | protobuf encode / decode ms | p50 goal ≤ {GOAL_MS} ms | ratio goal ≥ {GOAL_RATIO}x |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "Attribution: the same call on the `Engine` without gRPC, the response size, and the protobuf codec alone.\n")?;
+    writeln!(md, "| query | engine-only p50 ms | engine-only p95 ms | response bytes | protobuf encode / decode ms | p50 goal ≤ {GOAL_MS} ms | ratio goal ≥ {GOAL_RATIO}x |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
     for (i, name) in names.iter().enumerate() {
         let (_, p50_ok, ratio_ok) = goals[i];
         writeln!(
             md,
-            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.2} / {:.2} | {} | {} |",
+            "| {name} | {:.2} | {:.2} | {} | {:.2} / {:.2} | {} | {} |",
             engine_ms[i].p50,
             engine_ms[i].p95,
-            nodelay_ms[i].p50,
-            nodelay_ms[i].p95,
-            duck_s(keys[i]).map(|s| format!("{:.0}x", s * 1e3 / nodelay_ms[i].p50)).unwrap_or_else(|| "-".into()),
             thousands(sizes_bytes[i] as u64),
             codec[i].0,
             codec[i].1,
@@ -1056,15 +1067,8 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, reuse: bool, work
     Ok(())
 }
 
-async fn grpc_round(engine: &Arc<Engine>, nodelay: bool, runs: usize) -> anyhow::Result<([Timing; 4], Answers, [usize; 4])> {
-    let listener = if nodelay {
-        let socket = tokio::net::TcpSocket::new_v4()?;
-        socket.set_nodelay(true)?;
-        socket.bind("127.0.0.1:0".parse()?)?;
-        socket.listen(1024)?
-    } else {
-        tokio::net::TcpListener::bind("127.0.0.1:0").await?
-    };
+async fn grpc_round(engine: &Arc<Engine>, runs: usize) -> anyhow::Result<([Timing; 4], Answers, [usize; 4])> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(engine.clone(), listener, ServerConfig::default(), async move {

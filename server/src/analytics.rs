@@ -167,6 +167,72 @@ impl Engine {
         out
     }
 
+    /// [`Self::fold_groups`] on the rayon pool: the selected (group, layer) pairs are listed in
+    /// layer-id order, folded in fixed chunks and the chunk results merged in chunk order, so
+    /// an answer does not depend on scheduling (f64 sums are reproducible call to call).
+    fn fold_groups_par<T: Default + Send>(
+        c: &Catalog,
+        pred: &Pred,
+        grouping: &Grouping,
+        f: impl Fn(&mut T, &CatalogLayer) + Sync,
+        merge: impl Fn(&mut T, T),
+    ) -> BTreeMap<String, T> {
+        const CHUNK: usize = 1024;
+        let mut keys: Vec<String> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut slot = |k: String| -> usize {
+            let n = index.len();
+            *index.entry(k).or_insert_with_key(|k| {
+                keys.push(k.clone());
+                n
+            })
+        };
+        if let Grouping::Named(named) = grouping {
+            for (name, _) in named {
+                slot(name.clone());
+            }
+        }
+        let mut pairs: Vec<(usize, Arc<CatalogLayer>)> = Vec::new();
+        c.for_each_selected_arc(pred, |m, l| match grouping {
+            Grouping::All => pairs.push((slot("all".to_string()), l.clone())),
+            Grouping::Field(field) => {
+                for key in group_values(*field, LayerView { model: m, layer: &l.record }) {
+                    pairs.push((slot(key), l.clone()));
+                }
+            }
+            Grouping::Named(named) => {
+                for (name, p) in named {
+                    if p.matches(LayerView { model: m, layer: &l.record }) {
+                        pairs.push((slot(name.clone()), l.clone()));
+                    }
+                }
+            }
+        });
+        let n = keys.len();
+        let parts: Vec<Vec<Option<T>>> = pairs
+            .par_chunks(CHUNK)
+            .map(|chunk| {
+                let mut acc: Vec<Option<T>> = (0..n).map(|_| None).collect();
+                for (g, l) in chunk {
+                    f(acc[*g].get_or_insert_with(T::default), l);
+                }
+                acc
+            })
+            .collect();
+        let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+        for part in parts {
+            for (o, p) in out.iter_mut().zip(part) {
+                if let Some(p) = p {
+                    match o {
+                        Some(o) => merge(o, p),
+                        None => *o = Some(p),
+                    }
+                }
+            }
+        }
+        keys.into_iter().zip(out).map(|(k, v)| (k, v.unwrap_or_default())).collect()
+    }
+
     /// PCA basis of the selection's scaled (or raw) filters, overall and per group.
     pub fn basis(&self, pred: &Pred, grouping: &Grouping, raw: bool) -> (Option<Basis>, Vec<(String, Basis)>) {
         let c = self.read_catalog();
@@ -179,9 +245,16 @@ impl Engine {
                 m.merge(&l.stats.scaled);
             }
         };
-        let groups = Self::fold_groups::<Option<Moments>>(&c, pred, grouping, |acc, _, l| add(acc, l));
-        let mut all: Option<Moments> = None;
-        c.for_each_selected_arc(pred, |_, l| add(&mut all, l));
+        let merge = |a: &mut Option<Moments>, b: Option<Moments>| match (a.as_mut(), b) {
+            (Some(a), Some(b)) => a.merge(&b),
+            (None, b) => *a = b,
+            (_, None) => {}
+        };
+        let groups = Self::fold_groups_par::<Option<Moments>>(&c, pred, grouping, add, merge);
+        let all = Self::fold_groups_par::<Option<Moments>>(&c, pred, &Grouping::All, add, merge)
+            .into_values()
+            .next()
+            .flatten();
         let overall = all.and_then(|m| quality::basis_from_moments(&m).ok());
         let per = if matches!(grouping, Grouping::All) {
             Vec::new()
@@ -416,23 +489,42 @@ impl Engine {
         let p = b.as_ref().ok_or_else(no_basis)?;
         let bins = p.record.bins as usize;
         let c = self.read_catalog();
-        let groups = Self::fold_groups::<Option<GroupHistogram>>(&c, pred, grouping, |acc, _, l| {
-            let g = acc.get_or_insert_with(|| GroupHistogram {
-                key: String::new(),
-                n_filters: 0,
-                counts: vec![0; 9 * bins],
-                out_of_range: vec![0; 9],
-            });
-            g.n_filters += l.record.n_filters;
-            if let Some(h) = p.hists.get(&l.record.layer_id) {
-                for (a, b) in g.counts.iter_mut().zip(&h.counts) {
-                    *a += u64::from(*b);
+        let empty = || GroupHistogram {
+            key: String::new(),
+            n_filters: 0,
+            counts: vec![0; 9 * bins],
+            out_of_range: vec![0; 9],
+        };
+        let groups = Self::fold_groups_par::<Option<GroupHistogram>>(
+            &c,
+            pred,
+            grouping,
+            |acc, l| {
+                let g = acc.get_or_insert_with(empty);
+                g.n_filters += l.record.n_filters;
+                if let Some(h) = p.hists.get(&l.record.layer_id) {
+                    for (a, b) in g.counts.iter_mut().zip(&h.counts) {
+                        *a += u64::from(*b);
+                    }
+                    for (a, b) in g.out_of_range.iter_mut().zip(&h.out_of_range) {
+                        *a += b;
+                    }
                 }
-                for (a, b) in g.out_of_range.iter_mut().zip(&h.out_of_range) {
-                    *a += b;
+            },
+            |a, b| match (a.as_mut(), b) {
+                (Some(a), Some(b)) => {
+                    a.n_filters += b.n_filters;
+                    for (x, y) in a.counts.iter_mut().zip(&b.counts) {
+                        *x += y;
+                    }
+                    for (x, y) in a.out_of_range.iter_mut().zip(&b.out_of_range) {
+                        *x += y;
+                    }
                 }
-            }
-        });
+                (None, b) => *a = b,
+                (_, None) => {}
+            },
+        );
         let out = groups
             .into_iter()
             .map(|(k, g)| {

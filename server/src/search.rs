@@ -30,7 +30,7 @@ use crate::catalog::CatalogLayer;
 use crate::engine::{Engine, EngineError, Result};
 use crate::quality::{self, Basis};
 use crate::selection::Pred;
-use crate::store::keys::BLOCK_FILTERS;
+use crate::store::keys::{BLOCK_FILTERS, FILTER_BYTES};
 use crate::store::records::ModelRecord;
 
 /// Neighbours returned when a request leaves k at 0.
@@ -492,8 +492,9 @@ impl ScanSpec<'_> {
                 })
     }
 
-    /// Scans filters `[start, end)` of one layer (values in `vals`) into `top`.
-    fn scan(&self, slot: usize, layer: &CatalogLayer, start: u64, vals: &[f32], top: &mut TopK) {
+    /// Scans the filters of one layer starting at index `start` (`bytes`: 36 bytes each, 9 f32
+    /// LE, as stored) into `top`.
+    fn scan(&self, slot: usize, layer: &CatalogLayer, start: u64, bytes: &[u8], top: &mut TopK) {
         let first_id = layer.record.first_filter_id + start;
         let abs_max = layer.stats.abs_max;
         let threshold = if abs_max == 0.0 {
@@ -501,15 +502,17 @@ impl ScanSpec<'_> {
         } else {
             self.conditions.sparse_eps * abs_max
         };
-        let consider = |i: usize, d: f64, flipped: bool, raw_max: f64, top: &mut TopK| {
+        let consider = |i: usize, d: f64, flipped: bool, kernel: [f32; 9], top: &mut TopK| {
             let id = first_id + i as u64;
             let d = if d.is_nan() { f64::NAN } else { d };
             // Cheap reject first: most filters are farther than the current k-th.
-            if d > top.bound() || self.skip_id == Some(id) || self.dropped(raw_max, threshold) {
+            if d > top.bound() || self.skip_id == Some(id) {
                 return;
             }
-            let mut kernel = [0f32; 9];
-            kernel.copy_from_slice(&vals[i * 9..i * 9 + 9]);
+            let raw_max = kernel.iter().fold(0f64, |m, v| m.max(f64::from(*v).abs()));
+            if self.dropped(raw_max, threshold) {
+                return;
+            }
             top.offer(Candidate {
                 distance: d,
                 filter_id: id,
@@ -519,27 +522,93 @@ impl ScanSpec<'_> {
                 index: start + i as u64,
             });
         };
-        let n = vals.len() / 9;
-        let mut i = 0;
-        if !matches!(self.metric, Metric::Basis(..)) {
-            let (mut d, mut flip, mut m) = ([0f64; LANES], [false; LANES], [0f64; LANES]);
-            while i + LANES <= n {
-                self.lanes(&vals[i * 9..(i + LANES) * 9], &mut d, &mut flip, &mut m);
-                for l in 0..LANES {
-                    consider(i + l, d[l], flip[l], m[l], top);
+        let n = bytes.len() / FILTER_BYTES;
+        match self.metric {
+            Metric::Raw => {
+                // Screen in f32, then the exact f64 distance for the few that may enter the
+                // heap. The f32 sum of 9 squared differences is within a relative 12u
+                // (u = 2⁻²⁴) of the exact value: each difference, square and addition is one
+                // correctly rounded f32 operation on non-negative terms; underflow adds at most
+                // 9·2⁻¹⁴⁹ in absolute terms. So a filter whose f32 distance exceeds
+                // bound·(1 + 2⁻¹⁹) + 2⁻¹²⁰ cannot reach the heap, and skipping it changes nothing.
+                let q = self.q.map(|v| v as f32);
+                let qn = self.q_neg.map(|n| n.map(|v| v as f32));
+                let screen = |b: f64| b * (1.0 + SCREEN_REL) + SCREEN_ABS;
+                let mut limit = screen(top.bound());
+                for (i, f) in bytes.chunks_exact(FILTER_BYTES).enumerate() {
+                    let x = kernel_of(f);
+                    let mut d = sq_dist_f32(&x, &q);
+                    if let Some(qn) = &qn {
+                        d = d.min(sq_dist_f32(&x, qn));
+                    }
+                    // (An f32 overflow to ∞ goes to the exact path.)
+                    if f64::from(d) > limit && d != f32::INFINITY {
+                        continue;
+                    }
+                    let (d, flipped) = self.one(&x);
+                    consider(i, d, flipped, x, top);
+                    limit = screen(top.bound());
                 }
-                i += LANES;
+            }
+            Metric::Scaled | Metric::Cosine => {
+                let (mut d, mut flip, mut m) = ([0f64; LANES], [false; LANES], [0f64; LANES]);
+                let mut chunk = [0f32; LANES * 9];
+                let mut lanes = bytes.chunks_exact(LANES * FILTER_BYTES);
+                let mut i = 0;
+                for c in &mut lanes {
+                    for (x, b) in chunk.iter_mut().zip(c.chunks_exact(4)) {
+                        *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    }
+                    self.lanes(&chunk, &mut d, &mut flip, &mut m);
+                    for l in 0..LANES {
+                        if d[l] <= top.bound() || d[l].is_nan() {
+                            consider(i + l, d[l], flip[l], kernel_of(&c[l * FILTER_BYTES..]), top);
+                        }
+                    }
+                    i += LANES;
+                }
+                for (j, f) in lanes.remainder().chunks_exact(FILTER_BYTES).enumerate() {
+                    let x = kernel_of(f);
+                    let (d, flipped) = self.one(&x);
+                    consider(i + j, d, flipped, x, top);
+                }
+            }
+            Metric::Basis(..) => {
+                for i in 0..n {
+                    let x = kernel_of(&bytes[i * FILTER_BYTES..]);
+                    let (d, flipped) = self.one(&x);
+                    consider(i, d, flipped, x, top);
+                }
             }
         }
-        while i < n {
-            let mut f = [0f32; 9];
-            f.copy_from_slice(&vals[i * 9..i * 9 + 9]);
-            let (d, flipped) = self.one(&f);
-            let raw_max = f.iter().fold(0f64, |m, v| m.max(f64::from(*v).abs()));
-            consider(i, d, flipped, raw_max, top);
-            i += 1;
-        }
     }
+}
+
+/// Relative slack of the f32 screen (2⁻¹⁹ > 2·12·2⁻²⁴ with margin for the f64 reference's own
+/// rounding).
+const SCREEN_REL: f64 = 1.0 / 524_288.0;
+/// Absolute slack of the f32 screen (covers underflow of the squared differences).
+const SCREEN_ABS: f64 = 7.52316384526264e-37; // 2⁻¹²⁰
+
+/// The 9 values of the stored filter at the start of `b` (36 bytes, f32 LE).
+#[inline(always)]
+fn kernel_of(b: &[u8]) -> [f32; 9] {
+    let mut x = [0f32; 9];
+    for (v, c) in x.iter_mut().zip(b[..FILTER_BYTES].chunks_exact(4)) {
+        *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+    x
+}
+
+/// The f32 squared distance the raw screen uses (see [`ScanSpec::scan`]).
+#[inline(always)]
+fn sq_dist_f32(a: &[f32; 9], b: &[f32; 9]) -> f32 {
+    let mut acc = 0f32;
+    for k in 0..9 {
+        let t = a[k] - b[k];
+        acc += t * t;
+    }
+    acc
 }
 
 fn check_kernel(k: &[f32; 9], what: &str) -> Result<()> {
@@ -726,8 +795,10 @@ impl Engine {
             .map(|&(slot, s, e)| -> Result<TopK> {
                 let layer = &layers[slot].1;
                 let mut top = TopK::new(k);
-                match self.store.read_layer_filters(Some(snapshot), &layer.record, s, e) {
-                    Ok(vals) => spec.scan(slot, layer, s, &vals, &mut top),
+                match self.store.for_each_filter_run(Some(snapshot), &layer.record, s, e, |first, bytes| {
+                    spec.scan(slot, layer, first, bytes, &mut top)
+                }) {
+                    Ok(()) => {}
                     Err(err) if self.layer_deleted(layer.record.layer_id) => {
                         tracing::debug!(layer = layer.record.layer_id, %err, "layer deleted during a search; skipped");
                     }
@@ -817,7 +888,11 @@ impl Engine {
             };
             reranked += 1;
             for f in &vals {
-                spec.scan(slot, layer, idx, f, &mut top);
+                let mut b = [0u8; FILTER_BYTES];
+                for (d, v) in b.chunks_exact_mut(4).zip(f) {
+                    d.copy_from_slice(&v.to_le_bytes());
+                }
+                spec.scan(slot, layer, idx, &b, &mut top);
             }
         }
         Ok(Approximate::Answered {
@@ -959,6 +1034,87 @@ mod tests {
         v.sort();
         let got: Vec<u64> = v.iter().map(|c| c.filter_id).collect();
         assert_eq!(got, vec![9, 1, 2]);
+    }
+
+    /// The raw space's f32 screen never drops a filter the exact (f64) order needs: near-ties
+    /// one f32 ulp apart, exact ties, tiny (underflowing) and huge values, against a naive sort.
+    #[test]
+    fn the_f32_screen_keeps_every_filter_the_exact_order_needs() {
+        let base = [0.3f32, -0.7, 0.11, 0.9, -0.2, 0.05, 0.6, -0.45, 0.33];
+        let mut filters: Vec<[f32; 9]> = Vec::new();
+        let mut x = 12345u32;
+        for i in 0..4000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let mut f = base;
+            match i % 8 {
+                // On a sphere of radius 1 around `base` + 3, rounded to f32: distances that differ
+                // in f64 by less than f32 resolution, in no particular order.
+                5..=7 => {
+                    let mut u = [0f64; 9];
+                    let mut y = x;
+                    for v in u.iter_mut() {
+                        y ^= y << 13;
+                        y ^= y >> 17;
+                        y ^= y << 5;
+                        *v = f64::from(y % 20_001) - 10_000.0;
+                    }
+                    let norm = u.iter().map(|v| v * v).sum::<f64>().sqrt().max(1.0);
+                    for k in 0..9 {
+                        f[k] = (f64::from(base[k]) + 3.0 + u[k] / norm) as f32;
+                    }
+                }
+                // ±1..3 ulp on one or two coordinates: distances equal in f32, not in f64.
+                0 | 1 => {
+                    let k = (x % 9) as usize;
+                    f[k] = f32::from_bits(f[k].to_bits().wrapping_add(x % 3 + 1));
+                    let j = ((x >> 8) % 9) as usize;
+                    f[j] = f32::from_bits(f[j].to_bits().wrapping_sub((x >> 4) % 3));
+                }
+                2 => f = [f32::from_bits(x % 5000); 9], // subnormals: squares underflow
+                3 => f = base.map(|v| v * 1e18),
+                _ => f = base.map(|v| v + ((x % 1000) as f32 - 500.0) * 1e-4),
+            }
+            filters.push(f);
+        }
+        let bytes: Vec<u8> = filters.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
+        let layer = CatalogLayer {
+            record: crate::store::records::LayerRecord {
+                layer_id: 1,
+                model_id: 1,
+                layer_index: 0,
+                tensor_name: "t".into(),
+                out_channels: 1,
+                in_channels: 4000,
+                groups: None,
+                conv_depth: 1,
+                conv_depth_norm: 0.0,
+                first_filter_id: 100,
+                n_filters: 4000,
+            },
+            stats: crate::stats::LayerStats::default(),
+        };
+        for q in [base, [0.0; 9], [f32::from_bits(7); 9], base.map(|v| -v), base.map(|v| v + 3.0), base.map(|v| -v - 3.0)] {
+            for sign in [false, true] {
+                for k in [1, 7, 64] {
+                    let s = spec(&Metric::Raw, &q, sign);
+                    let mut top = TopK::new(k);
+                    s.scan(0, &layer, 0, &bytes, &mut top);
+                    let mut got = top.heap.into_vec();
+                    got.sort();
+                    let mut want: Vec<(f64, u64)> = filters
+                        .iter()
+                        .enumerate()
+                        .map(|(i, f)| (s.one(f).0, 100 + i as u64))
+                        .collect();
+                    want.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                    want.truncate(k);
+                    let got: Vec<(f64, u64)> = got.iter().map(|c| (c.distance, c.filter_id)).collect();
+                    assert_eq!(got, want, "q {q:?} sign {sign} k {k}");
+                }
+            }
+        }
     }
 
     #[test]

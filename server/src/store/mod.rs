@@ -629,11 +629,30 @@ impl Store {
         end: u64,
     ) -> Result<Vec<f32>> {
         let end = end.min(layer.n_filters);
+        let mut out = Vec::with_capacity((end.saturating_sub(start) * 9) as usize);
+        self.for_each_filter_run(snapshot, layer, start, end, |_, bytes| {
+            out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f(first, bytes)` for the filters `[start, end)` of a layer, one run per stored
+    /// block, in order: `bytes` holds the runs' filters (36 bytes each, 9 f32 LE) starting at
+    /// index `first` of the layer, borrowed from RocksDB without a copy (the filter-block CF
+    /// reads through mmap, uncompressed). Errors when a block is missing or short.
+    pub fn for_each_filter_run(
+        &self,
+        snapshot: Option<&rocksdb::Snapshot<'_>>,
+        layer: &LayerRecord,
+        start: u64,
+        end: u64,
+        mut f: impl FnMut(u64, &[u8]),
+    ) -> Result<()> {
+        let end = end.min(layer.n_filters);
         if start >= end {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let cf = self.cf(CF_FILTER_BLOCKS)?;
-        let mut out = Vec::with_capacity(((end - start) * 9) as usize);
         let first_block = (start / BLOCK_FILTERS) as u32;
         let last_block = ((end - 1) / BLOCK_FILTERS) as u32;
         let mut ro = ReadOptions::default();
@@ -641,33 +660,40 @@ impl Store {
             ro.set_snapshot(s);
         }
         ro.set_iterate_upper_bound(block_key(layer.layer_id, last_block + 1).to_vec());
-        let from = block_key(layer.layer_id, first_block);
-        for (expected, item) in (first_block..).zip(self.db.iterator_cf_opt(cf, ro, IteratorMode::From(&from, Direction::Forward))) {
-            let (k, v) = item?;
-            let block = u32::from_be_bytes(k.get(8..12).and_then(|b| b.try_into().ok()).ok_or_else(|| {
-                StoreError::Corrupt { cf: CF_FILTER_BLOCKS, detail: "short block key".into() }
-            })?);
-            if block != expected || v.len() % FILTER_BYTES != 0 {
-                return Err(StoreError::Corrupt {
-                    cf: CF_FILTER_BLOCKS,
-                    detail: format!("layer {} block {block} missing or malformed", layer.layer_id),
-                });
+        let missing = |block: u32| StoreError::Corrupt {
+            cf: CF_FILTER_BLOCKS,
+            detail: format!("layer {} block {block} missing or malformed", layer.layer_id),
+        };
+        let mut it = self.db.raw_iterator_cf_opt(cf, ro);
+        it.seek(block_key(layer.layer_id, first_block));
+        let mut done = start;
+        for expected in first_block..=last_block {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                it.status()?;
+                return Err(missing(expected));
+            };
+            let block = k.get(8..12).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_be_bytes);
+            if block != Some(expected) || v.len() % FILTER_BYTES != 0 {
+                return Err(missing(expected));
             }
-            let block_start = u64::from(block) * BLOCK_FILTERS;
-            let lo = start.saturating_sub(block_start) as usize;
+            let block_start = u64::from(expected) * BLOCK_FILTERS;
             let n_in_block = (v.len() / FILTER_BYTES) as u64;
-            let hi = (end - block_start).min(n_in_block) as usize;
-            for c in v[lo * FILTER_BYTES..hi * FILTER_BYTES].chunks_exact(4) {
-                out.push(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            let hi = (end - block_start).min(n_in_block);
+            if block_start + hi < end.min(block_start + BLOCK_FILTERS) {
+                return Err(missing(expected));
             }
+            let lo = done - block_start;
+            f(done, &v[lo as usize * FILTER_BYTES..hi as usize * FILTER_BYTES]);
+            done = block_start + hi;
+            it.next();
         }
-        if out.len() as u64 != (end - start) * 9 {
+        if done != end {
             return Err(StoreError::Corrupt {
                 cf: CF_FILTER_BLOCKS,
                 detail: format!("layer {} holds fewer filters than its record says", layer.layer_id),
             });
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Writes a scheduled-ingestion job record (synced: job state must survive a crash).
