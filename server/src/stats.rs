@@ -304,38 +304,40 @@ pub fn orthogonality(filters: &[f32], out_channels: usize, in_channels: usize) -
     if out_channels < 2 || len == 0 || out_channels.checked_mul(len)? != filters.len() {
         return None;
     }
-    // Column o of `wt` is row o of Ŵ (column-major storage = the filters in order).
-    let mut wt =
-        DMatrix::<f64>::from_iterator(len, out_channels, filters.iter().map(|&v| f64::from(v)));
-    for mut col in wt.column_iter_mut() {
-        let norm = col.norm();
-        if norm > 0.0 {
-            col /= norm;
-        }
-    }
     // Σ|G − I| over the upper triangle of block rows, counting off-diagonal entries twice
     // (G is symmetric), blocks on rayon. The order of the sums (row by row in column order,
     // blocks added in block order) and how each entry of G is summed over the kernel (as
-    // matrixmultiply does) are part of the stored values: every path below keeps both.
-    let starts: Vec<usize> = (0..out_channels).step_by(ORTHO_BLOCK_ROWS).collect();
-    let o = |partial: Vec<f64>| {
-        1.0 - partial.iter().sum::<f64>() / (out_channels as f64 * (out_channels as f64 - 1.0))
-    };
+    // matrixmultiply does) are part of the stored values: both paths keep both.
     #[cfg(target_arch = "x86_64")]
-    if let Some(k) = Avx512::detect() {
-        // Two blocks per task, so that their sums can run interleaved (`sum_pair`).
-        let panels = avx512::Panels::of(&wt);
-        let partial: Vec<f64> = starts
-            .par_chunks(2)
-            .flat_map_iter(|pair| k.ortho_blocks(&wt, &panels, pair))
-            .collect();
-        return Some(o(partial));
-    }
-    let partial: Vec<f64> = starts
+    let partial = match Avx512::detect() {
+        Some(k) => k.ortho_partials(filters, out_channels, len),
+        None => ortho_partials(filters, out_channels, len),
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let partial = ortho_partials(filters, out_channels, len);
+    let n = out_channels as f64;
+    Some(1.0 - partial.iter().sum::<f64>() / (n * (n - 1.0)))
+}
+
+/// Blocks of [`ORTHO_BLOCK_ROWS`] rows of G, starting at these rows.
+fn ortho_starts(out_channels: usize) -> Vec<usize> {
+    (0..out_channels).step_by(ORTHO_BLOCK_ROWS).collect()
+}
+
+/// True when the block at row `s` has a dimension at most nalgebra's small-matrix cut-off.
+fn ortho_small(out_channels: usize, s: usize) -> bool {
+    ORTHO_BLOCK_ROWS.min(out_channels - s) <= NALGEBRA_SMALL_DIM
+        || out_channels - s <= NALGEBRA_SMALL_DIM
+}
+
+/// Each block's Σ|G − I|, with G from nalgebra (matrixmultiply, one product per block).
+fn ortho_partials(filters: &[f32], out_channels: usize, len: usize) -> Vec<f64> {
+    let wt = normalised(filters, out_channels, len);
+    ortho_starts(out_channels)
         .par_iter()
         .map(|&s| {
             let rows = ORTHO_BLOCK_ROWS.min(out_channels - s);
-            if rows <= NALGEBRA_SMALL_DIM || out_channels - s <= NALGEBRA_SMALL_DIM {
+            if ortho_small(out_channels, s) {
                 return ortho_block_small(&wt, s, rows);
             }
             // The block transposed, Gᵀ[s.., s..s+rows] = (rows s.. of Ŵ) · (rows s..s+rows of
@@ -355,8 +357,38 @@ pub fn orthogonality(filters: &[f32], out_channels: usize, in_channels: usize) -
             }
             acc
         })
-        .collect();
-    Some(o(partial))
+        .collect()
+}
+
+/// Ŵ as a matrix whose column o is row o of Ŵ (column-major storage = the filters in order):
+/// each column divided by its nalgebra L2 norm when that is > 0.
+fn normalised(filters: &[f32], out_channels: usize, len: usize) -> DMatrix<f64> {
+    let mut wt =
+        DMatrix::<f64>::from_iterator(len, out_channels, filters.iter().map(|&v| f64::from(v)));
+    for mut col in wt.column_iter_mut() {
+        let norm = col.norm();
+        if norm > 0.0 {
+            col /= norm;
+        }
+    }
+    wt
+}
+
+/// The L2 norm of each row of Ŵ before normalisation, exactly as [`normalised`] gets it
+/// (nalgebra's norm of the row as an f64 column).
+#[cfg(target_arch = "x86_64")]
+fn row_norms(filters: &[f32], out_channels: usize, len: usize) -> Vec<f64> {
+    let mut row = vec![0f64; len];
+    filters
+        .chunks_exact(len)
+        .take(out_channels)
+        .map(|f| {
+            for (r, &v) in row.iter_mut().zip(f) {
+                *r = f64::from(v);
+            }
+            nalgebra::DVectorView::from_slice(&row, len).norm()
+        })
+        .collect()
 }
 
 /// One block's Σ|G − I| in its fixed order: rows in turn, each from its diagonal (|g − 1|) on
@@ -842,17 +874,35 @@ impl Avx512 {
         chunk_with(self, filters, m, t)
     }
 
+    /// Each block's Σ|G − I|, with G from [`avx512::rows_of_g`]: Ŵ goes straight from the
+    /// filters into the kernel's panels; the matrix [`normalised`] makes is only built for
+    /// blocks under nalgebra's small-matrix cut-off. Two blocks per task, so that their sums
+    /// can run interleaved ([`sum_pair`]).
+    fn ortho_partials(self, filters: &[f32], out_channels: usize, len: usize) -> Vec<f64> {
+        let panels = self.panels(filters, out_channels, len);
+        let wt = std::sync::OnceLock::new();
+        let small_wt = || wt.get_or_init(|| normalised(filters, out_channels, len));
+        ortho_starts(out_channels)
+            .par_chunks(2)
+            .flat_map_iter(|pair| self.ortho_blocks(&small_wt, &panels, pair))
+            .collect()
+    }
+
     /// Σ|G − I| of each block starting at `starts` (one or two), in the order of
     /// [`orthogonality`], with G's entries from [`avx512::rows_of_g`] (or, for a block under
     /// nalgebra's small-matrix cut-off, from nalgebra as before).
-    fn ortho_blocks(self, wt: &DMatrix<f64>, p: &avx512::Panels, starts: &[usize]) -> Vec<f64> {
+    fn ortho_blocks<'w>(
+        self,
+        small_wt: &(dyn Fn() -> &'w DMatrix<f64> + Sync),
+        p: &avx512::Panels,
+        starts: &[usize],
+    ) -> Vec<f64> {
         let out = p.out;
         let chains: Vec<Option<Chain>> = starts
             .iter()
             .map(|&s| {
-                let rows = ORTHO_BLOCK_ROWS.min(out - s);
-                (rows > NALGEBRA_SMALL_DIM && out - s > NALGEBRA_SMALL_DIM)
-                    .then(|| Chain::new(self, p, s, rows))
+                (!ortho_small(out, s))
+                    .then(|| Chain::new(self, p, s, ORTHO_BLOCK_ROWS.min(out - s)))
             })
             .collect();
         let mut chains = chains.into_iter();
@@ -864,10 +914,17 @@ impl Avx512 {
                 .zip(starts)
                 .map(|(c, &s)| match c {
                     Some(c) => c.finish(),
-                    None => ortho_block_small(wt, s, ORTHO_BLOCK_ROWS.min(out - s)),
+                    None => ortho_block_small(small_wt(), s, ORTHO_BLOCK_ROWS.min(out - s)),
                 })
                 .collect(),
         }
+    }
+
+    /// Ŵ's panels (see [`avx512::Panels::of`]).
+    fn panels(self, filters: &[f32], out: usize, len: usize) -> avx512::Panels {
+        let norms = row_norms(filters, out, len);
+        // SAFETY: `self` exists, so the CPU has AVX-512F, the only feature the function enables.
+        unsafe { avx512::Panels::of(filters, out, len, &norms) }
     }
 
     /// Rows s+r..s+r+n of G into `buf` (see [`avx512::rows_of_g`]).
@@ -1104,19 +1161,39 @@ mod avx512 {
     }
 
     impl Panels {
-        /// From `wt`, whose column o is row o of Ŵ.
-        pub(super) fn of(wt: &nalgebra::DMatrix<f64>) -> Panels {
-            let (len, out) = wt.shape();
+        /// From a layer's filters (`out` rows of `len` values) and each row's L2 norm: row o
+        /// of Ŵ is row o divided by its norm when that is > 0, as `orthogonality` divides (one
+        /// IEEE division per value, so the same bits at any vector width).
+        #[target_feature(enable = "avx512f")]
+        pub(super) fn of(filters: &[f32], out: usize, len: usize, norms: &[f64]) -> Panels {
             let groups = out.div_ceil(8);
             let mut w = vec![0f64; len.div_ceil(KC) * groups * KC * 8];
-            let src = wt.as_slice();
-            // Group by group and k by k, so each write fills one cache line.
+            // Group by group and k by k: each write fills one cache line.
             for g in 0..groups {
                 let lanes = 8.min(out - 8 * g);
+                let mut d = [1f64; 8];
+                for (dl, &n) in d.iter_mut().zip(&norms[8 * g..8 * g + lanes]) {
+                    if n > 0.0 {
+                        *dl = n;
+                    }
+                }
+                let div = vec(&d);
+                let rows: [&[f32]; 8] = std::array::from_fn(|lane| {
+                    if lane < lanes {
+                        &filters[(8 * g + lane) * len..(8 * g + lane + 1) * len]
+                    } else {
+                        &[]
+                    }
+                });
                 for k in 0..len {
+                    let x: [f32; 8] =
+                        std::array::from_fn(|lane| rows[lane].get(k).copied().unwrap_or(0.0));
+                    let v = _mm512_cvtps_pd(_mm256_set_ps(
+                        x[7], x[6], x[5], x[4], x[3], x[2], x[1], x[0],
+                    ));
                     let at = ((k / KC * groups + g) * KC + k % KC) * 8;
-                    for (lane, d) in w[at..at + lanes].iter_mut().enumerate() {
-                        *d = src[(8 * g + lane) * len + k];
+                    if let Ok(dst) = <&mut [f64; 8]>::try_from(&mut w[at..at + 8]) {
+                        *dst = array(_mm512_div_pd(v, div));
                     }
                 }
             }
@@ -1676,6 +1753,17 @@ mod tests {
             }
             let got = orthogonality(&f, out, inp);
             let want = reference::orthogonality(&f, out, inp);
+            if out >= 2 {
+                // The nalgebra path too (taken on CPUs without AVX-512F).
+                let n = out as f64;
+                let p =
+                    1.0 - ortho_partials(&f, out, inp * 9).iter().sum::<f64>() / (n * (n - 1.0));
+                assert_eq!(
+                    Some(p.to_bits()),
+                    want.map(f64::to_bits),
+                    "{out} x {inp} nalgebra"
+                );
+            }
             assert_eq!(
                 got.map(f64::to_bits),
                 want.map(f64::to_bits),
