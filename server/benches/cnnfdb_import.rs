@@ -183,14 +183,21 @@ fn thread_cpu_ns() -> u64 {
 }
 
 /// `FILTERDB_BENCH_TASK=stats`: per-layer statistics alone on the bench's layer shape (256 x 256
-/// filters), split into moments (`LayerStats::of`) and orthogonality: ns per filter, wall time
-/// on all cores and CPU time on one thread.
+/// filters, or `FILTERDB_BENCH_LAYER=OUT,IN`), split into moments (`LayerStats::of`) and
+/// orthogonality: ns per filter, wall time on all cores and CPU time on one thread.
 fn stats_only() {
-    let n = LAYER as usize;
+    let (out, inp) = std::env::var("FILTERDB_BENCH_LAYER")
+        .ok()
+        .and_then(|s| {
+            let (o, i) = s.split_once(',')?;
+            Some((o.trim().parse::<usize>().ok()?, i.trim().parse::<usize>().ok()?))
+        })
+        .unwrap_or((256, 256));
+    let n = out * inp;
     let filters: Vec<f32> = (0..n as u64 * 9)
         .map(|i| ((splitmix(i) >> 11) as f64 / (1u64 << 53) as f64 * 0.5 - 0.25) as f32)
         .collect();
-    let reps = 20;
+    let reps = (20 * LAYER as usize / n).max(1);
     // (wall, calling-thread CPU) ns per filter
     let time = |f: &dyn Fn()| {
         f(); // warm-up
@@ -208,10 +215,12 @@ fn stats_only() {
         std::hint::black_box(filterdb::stats::LayerStats::of(&filters));
     };
     let ortho = || {
-        std::hint::black_box(filterdb::stats::orthogonality(&filters, 256, 256));
+        std::hint::black_box(filterdb::stats::orthogonality(&filters, out, inp));
     };
     let (mw, ow) = (time(&moments).0, time(&ortho).0);
-    println!("per-layer statistics, 256 x 256 filters, ns per filter, wall on all cores: moments {mw:.1}, orthogonality {ow:.1}");
+    println!(
+        "per-layer statistics, {out} x {inp} filters, ns per filter, wall on all cores: moments {mw:.1}, orthogonality {ow:.1}"
+    );
     if let Ok(p) = rayon::ThreadPoolBuilder::new().num_threads(1).build() {
         let (m, o) = p.install(|| (time(&moments).1, time(&ortho).1));
         println!("CPU time on one thread: moments {m:.1}, orthogonality {o:.1}");

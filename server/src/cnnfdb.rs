@@ -5,13 +5,15 @@
 //! [`plan`] reads and checks the meta (one row per 3x3 layer; `filter_ids` "start:end" with an
 //! INCLUSIVE end; ranges tile `[0, N)`; `n = in_channels * out_channels`) and the dataset's shape
 //! and type ((N, 3, 3) or (N, 9); float64 or float32; contiguous or chunked). [`run`] then stores
-//! model after model through [`Engine::ingest_extracted`], each one atomic, with a content id
-//! derived from the file identity, the model and its filter range, so a re-run is a no-op. A
-//! job record per model (`jobs` column family, source `cnnfdb:<file name>`) lets an interrupted
-//! import skip what it already stored without reading those filters again.
+//! model after model, each one atomic, with a content id derived from the file identity, the
+//! model and its filter range, so a re-run is a no-op. A job record per model (`jobs` column
+//! family, source `cnnfdb:<file name>`) lets an interrupted import skip what it already stored
+//! without reading those filters again.
 //!
-//! Memory is bounded by the largest model twice over (one being read while the previous one is
-//! stored) plus one read window.
+//! Reading, statistics ([`Engine::prepare_extracted`]) and commits
+//! ([`Engine::commit_prepared`]) run as a pipeline on three threads; memory is bounded by three
+//! models (one read ahead, one in statistics, one being committed), the one being read, and
+//! one read window.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -826,7 +828,7 @@ pub fn run(
     // Three stages on their own threads, so that both cores stay busy: a reader decodes model
     // i + 1 (HDF5 rows to f32), this thread computes the statistics of model i (rayon, both
     // cores) and a committer stores model i − 1 (an SST file and a few fsyncs) with its job
-    // record. Rendezvous channels bound memory to about four models plus one read window. The
+    // record. Rendezvous channels bound memory to four models plus one read window. The
     // committer stores models in release order, each in its own atomic commit, so an
     // interruption leaves whole models only and a re-run continues after the last one.
     let read = AtomicU64::new(0);

@@ -264,8 +264,11 @@ impl Store {
             let mut buf = Vec::new();
             for (rec, _, filters) in layers {
                 for (bi, chunk) in filters.chunks(BLOCK_FILTERS as usize * 9).enumerate() {
-                    encode_block(chunk, &mut buf);
-                    batch.put_cf(blocks_cf, block_key(rec.layer_id, bi as u32), &buf);
+                    batch.put_cf(
+                        blocks_cf,
+                        block_key(rec.layer_id, bi as u32),
+                        block_bytes(chunk, &mut buf),
+                    );
                 }
             }
         }
@@ -326,8 +329,7 @@ impl Store {
             for i in order {
                 let (rec, _, filters) = &layers[i];
                 for (bi, chunk) in filters.chunks(BLOCK_FILTERS as usize * 9).enumerate() {
-                    encode_block(chunk, &mut buf);
-                    w.put(block_key(rec.layer_id, bi as u32), &buf)?;
+                    w.put(block_key(rec.layer_id, bi as u32), block_bytes(chunk, &mut buf))?;
                 }
             }
             w.finish()?;
@@ -730,14 +732,21 @@ impl Store {
     }
 }
 
-/// Filter values as stored: f32 little-endian, in order.
-fn encode_block(values: &[f32], buf: &mut Vec<u8>) {
-    buf.clear();
+/// Filter values as stored (f32 little-endian, in order): the values themselves on a
+/// little-endian machine (no copy), else encoded into `buf`.
+fn block_bytes<'a>(values: &'a [f32], buf: &'a mut Vec<u8>) -> &'a [u8] {
     #[cfg(target_endian = "little")]
-    buf.extend_from_slice(bytemuck::cast_slice(values));
+    {
+        let _ = buf;
+        bytemuck::cast_slice(values)
+    }
     #[cfg(not(target_endian = "little"))]
-    for v in values {
-        buf.extend_from_slice(&v.to_le_bytes());
+    {
+        buf.clear();
+        for v in values {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+        buf
     }
 }
 
