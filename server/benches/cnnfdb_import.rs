@@ -12,6 +12,9 @@
 //! Order: write the files; `cat` once to warm the page cache, then time `cat`; import into a
 //! fresh database in a child process of this binary (env `FILTERDB_BENCH_TASK=import`, so its
 //! VmHWM is the import's own peak RSS); `cat` again. The ratio uses the mean of the two `cat`s.
+//! Last, the durable-write floor: the N x 36 bytes of f32 values the store must persist, written
+//! to a plain file on the same disk and fsynced — an import cannot be faster than that and keep
+//! its acknowledged writes across a crash.
 //!
 //! Run: `cargo bench --bench cnnfdb_import`. `FILTERDB_BENCH_DIR` chooses where the files and the
 //! database go (default: the system temp dir); `FILTERDB_BENCH_OUT` receives a JSON summary;
@@ -138,6 +141,27 @@ fn time_cat(file: &Path) -> anyhow::Result<f64> {
 }
 
 /// CPU time (user + system) of this process so far, all threads, from `/proc/self/stat`.
+/// Seconds to write `bytes` (8 MiB writes) to a new file in `dir` and fsync it: what persisting
+/// the imported values costs on this disk, whatever the storage engine.
+fn time_durable_write(dir: &Path, bytes: u64) -> anyhow::Result<(f64, u64)> {
+    use std::io::Write as _;
+    let path = dir.join("durable-write-probe");
+    let chunk: Vec<u8> = (0..8usize << 20).map(|i| (splitmix(i as u64) >> 56) as u8).collect();
+    let t = Instant::now();
+    let mut f = std::fs::File::create(&path)?;
+    let mut left = bytes;
+    while left > 0 {
+        let take = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..take])?;
+        left -= take as u64;
+    }
+    f.sync_all()?;
+    let secs = t.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok((secs, bytes))
+}
+
 fn process_cpu_secs() -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return 0.0;
@@ -306,6 +330,7 @@ fn main() -> anyhow::Result<()> {
     let cat2 = time_cat(&h5)?;
     let cat = (cat1 + cat2) / 2.0;
     let db_bytes: u64 = common::dir_bytes(&db);
+    let (write_s, write_bytes) = time_durable_write(dir.path(), n * 36)?;
 
     let fps = n as f64 / secs;
     let cat_fps = n as f64 / cat;
@@ -328,8 +353,14 @@ fn main() -> anyhow::Result<()> {
         n as f64 / flushed
     );
     println!(
-        "\nimport / cat throughput: **{:.1} %** (goal >= 50 %)",
-        100.0 * cat / secs
+        "| write the f32 values ({:.2} GB) to a file on the database's disk + fsync | {write_s:.2} | {:.3e} | |",
+        write_bytes as f64 / 1e9,
+        n as f64 / write_s
+    );
+    println!(
+        "\nimport / cat throughput: **{:.1} %** (goal >= 50 %); import / durable write of the f32 bytes: **{:.1} %**",
+        100.0 * cat / secs,
+        100.0 * write_s / secs
     );
     println!(
         "import peak RSS (VmHWM): {:.0} MiB; database on disk: {:.2} GB",
@@ -346,7 +377,8 @@ fn main() -> anyhow::Result<()> {
         let j = serde_json::json!({"filters": n, "models": models, "hdf5_bytes": bytes, "cat_seconds": [cat1, cat2],
             "import_seconds": secs, "import_flushed_seconds": flushed, "filters_per_second": fps,
             "ratio_to_cat": cat / secs, "peak_rss_kib": hwm_kib, "db_bytes": db_bytes,
-            "import_cpu_seconds": cpu, "load_average": load});
+            "import_cpu_seconds": cpu, "load_average": load, "durable_write_seconds": write_s,
+            "durable_write_bytes": write_bytes, "ratio_to_durable_write": write_s / secs});
         std::fs::write(p, serde_json::to_vec_pretty(&j)?)?;
     }
     if std::env::var_os("FILTERDB_BENCH_KEEP").is_some() {

@@ -21,6 +21,7 @@
 
 use std::collections::BinaryHeap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -30,6 +31,7 @@ use crate::catalog::CatalogLayer;
 use crate::engine::{Engine, EngineError, Result};
 use crate::quality::{self, Basis};
 use crate::selection::Pred;
+use crate::store::BlockCheck;
 use crate::store::keys::{BLOCK_FILTERS, FILTER_BYTES};
 use crate::store::records::ModelRecord;
 
@@ -494,7 +496,11 @@ impl ScanSpec<'_> {
 
     /// Scans the filters of one layer starting at index `start` (`bytes`: 36 bytes each, 9 f32
     /// LE, as stored) into `top`.
-    fn scan(&self, slot: usize, layer: &CatalogLayer, start: u64, bytes: &[u8], top: &mut TopK) {
+    ///
+    /// `shared` holds (as f64 bits) the smallest k-th distance any full heap of this query has
+    /// reached: a filter farther than that cannot be among the k nearest, whichever work item
+    /// finds it (the raw screen uses it).
+    fn scan(&self, slot: usize, layer: &CatalogLayer, start: u64, bytes: &[u8], top: &mut TopK, shared: &AtomicU64) {
         let first_id = layer.record.first_filter_id + start;
         let abs_max = layer.stats.abs_max;
         let threshold = if abs_max == 0.0 {
@@ -532,22 +538,9 @@ impl ScanSpec<'_> {
                 // 9·2⁻¹⁴⁹ in absolute terms. So a filter whose f32 distance exceeds
                 // bound·(1 + 2⁻¹⁹) + 2⁻¹²⁰ cannot reach the heap, and skipping it changes nothing.
                 let q = self.q.map(|v| v as f32);
-                let qn = self.q_neg.map(|n| n.map(|v| v as f32));
-                let screen = |b: f64| b * (1.0 + SCREEN_REL) + SCREEN_ABS;
-                let mut limit = screen(top.bound());
-                for (i, f) in bytes.chunks_exact(FILTER_BYTES).enumerate() {
-                    let x = kernel_of(f);
-                    let mut d = sq_dist_f32(&x, &q);
-                    if let Some(qn) = &qn {
-                        d = d.min(sq_dist_f32(&x, qn));
-                    }
-                    // (An f32 overflow to ∞ goes to the exact path.)
-                    if f64::from(d) > limit && d != f32::INFINITY {
-                        continue;
-                    }
-                    let (d, flipped) = self.one(&x);
-                    consider(i, d, flipped, x, top);
-                    limit = screen(top.bound());
+                match self.q_neg.map(|n| n.map(|v| v as f32)) {
+                    None => self.scan_raw::<false>(bytes, &q, &q, top, shared, consider),
+                    Some(qn) => self.scan_raw::<true>(bytes, &q, &qn, top, shared, consider),
                 }
             }
             Metric::Scaled | Metric::Cosine => {
@@ -562,24 +555,68 @@ impl ScanSpec<'_> {
                     self.lanes(&chunk, &mut d, &mut flip, &mut m);
                     for l in 0..LANES {
                         if d[l] <= top.bound() || d[l].is_nan() {
-                            consider(i + l, d[l], flip[l], kernel_of(&c[l * FILTER_BYTES..]), top);
+                            consider(i + l, d[l], flip[l], kernel_at(&c[l * FILTER_BYTES..]), top);
                         }
                     }
                     i += LANES;
                 }
                 for (j, f) in lanes.remainder().chunks_exact(FILTER_BYTES).enumerate() {
-                    let x = kernel_of(f);
+                    let x = kernel_at(f);
                     let (d, flipped) = self.one(&x);
                     consider(i + j, d, flipped, x, top);
                 }
             }
             Metric::Basis(..) => {
                 for i in 0..n {
-                    let x = kernel_of(&bytes[i * FILTER_BYTES..]);
+                    let x = kernel_at(&bytes[i * FILTER_BYTES..]);
                     let (d, flipped) = self.one(&x);
                     consider(i, d, flipped, x, top);
                 }
             }
+        }
+    }
+
+    /// The raw space's screened scan (see [`ScanSpec::scan`]): `SIGN` adds the distance to −q.
+    #[inline(always)]
+    fn scan_raw<const SIGN: bool>(
+        &self,
+        bytes: &[u8],
+        q: &[f32; 9],
+        qn: &[f32; 9],
+        top: &mut TopK,
+        shared: &AtomicU64,
+        mut consider: impl FnMut(usize, f64, bool, [f32; 9], &mut TopK),
+    ) {
+        // The screen's limit, rounded up to an f32 so the hot loop compares in f32.
+        let limit = |top: &TopK| {
+            let b = top.bound();
+            if b.is_finite() {
+                shared.fetch_min(b.to_bits(), Ordering::Relaxed);
+            }
+            let g = f64::from_bits(shared.load(Ordering::Relaxed));
+            // (`min` ignores a NaN bound, which rejects nothing anyway.)
+            let l = b.min(g) * (1.0 + SCREEN_REL) + SCREEN_ABS;
+            let l32 = l as f32;
+            if f64::from(l32) < l { l32.next_up() } else { l32 }
+        };
+        let mut limit32 = limit(top);
+        let (q_lo, q_hi, q_8) = split_query(q);
+        let (n_lo, n_hi, n_8) = split_query(qn);
+        for (i, f) in bytes.chunks_exact(FILTER_BYTES).enumerate() {
+            let Ok(f) = <&[u8; FILTER_BYTES]>::try_from(f) else { continue };
+            prefetch(bytes, i * FILTER_BYTES + PREFETCH_AHEAD);
+            let mut d = screen_dist(f, &q_lo, &q_hi, q_8);
+            if SIGN {
+                d = d.min(screen_dist(f, &n_lo, &n_hi, n_8));
+            }
+            // NaN is not greater and goes to the exact path, as does an f32 overflow to ∞.
+            if d > limit32 && d != f32::INFINITY {
+                continue;
+            }
+            let x = kernel_of(f);
+            let (d, flipped) = self.one(&x);
+            consider(i, d, flipped, x, top);
+            limit32 = limit(top);
         }
     }
 }
@@ -590,25 +627,57 @@ const SCREEN_REL: f64 = 1.0 / 524_288.0;
 /// Absolute slack of the f32 screen (covers underflow of the squared differences).
 const SCREEN_ABS: f64 = 7.52316384526264e-37; // 2⁻¹²⁰
 
-/// The 9 values of the stored filter at the start of `b` (36 bytes, f32 LE).
+/// The 9 values of a stored filter (36 bytes, f32 LE).
 #[inline(always)]
-fn kernel_of(b: &[u8]) -> [f32; 9] {
-    let mut x = [0f32; 9];
-    for (v, c) in x.iter_mut().zip(b[..FILTER_BYTES].chunks_exact(4)) {
-        *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-    }
-    x
+fn kernel_of(b: &[u8; FILTER_BYTES]) -> [f32; 9] {
+    std::array::from_fn(|k| f32::from_le_bytes([b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]]))
 }
 
-/// The f32 squared distance the raw screen uses (see [`ScanSpec::scan`]).
+/// [`kernel_of`] for a slice that holds at least one filter (zeros past its end).
+fn kernel_at(b: &[u8]) -> [f32; 9] {
+    let mut a = [0u8; FILTER_BYTES];
+    let n = b.len().min(FILTER_BYTES);
+    a[..n].copy_from_slice(&b[..n]);
+    kernel_of(&a)
+}
+
+/// How far ahead of the scan (bytes) [`prefetch`] asks for data.
+const PREFETCH_AHEAD: usize = 1024;
+
+/// Hints the CPU to load the cache line at `bytes[at]` (nothing past the end). The stored
+/// blocks are read through mmap, page by page, where the hardware prefetchers stop at every
+/// 4 KiB boundary.
 #[inline(always)]
-fn sq_dist_f32(a: &[f32; 9], b: &[f32; 9]) -> f32 {
-    let mut acc = 0f32;
-    for k in 0..9 {
-        let t = a[k] - b[k];
-        acc += t * t;
+fn prefetch(bytes: &[u8], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(p) = bytes.get(at) {
+        // SAFETY: a prefetch never faults and has no architectural effect; `p` points into
+        // `bytes` anyway.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(std::ptr::from_ref(p).cast()) };
     }
-    acc
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (bytes, at);
+}
+
+/// A query split as [`screen_dist`] reads a filter: values 0–3, 4–7 and 8.
+fn split_query(q: &[f32; 9]) -> ([f32; 4], [f32; 4], f32) {
+    ([q[0], q[1], q[2], q[3]], [q[4], q[5], q[6], q[7]], q[8])
+}
+
+/// The f32 squared distance the raw screen uses (see [`ScanSpec::scan`]), read straight from
+/// the stored bytes as two 4-lane halves and the last value, summed pairwise. Any summation
+/// order of the 9 non-negative squares keeps the relative error within 12u.
+#[inline(always)]
+fn screen_dist(b: &[u8; FILTER_BYTES], q_lo: &[f32; 4], q_hi: &[f32; 4], q_8: f32) -> f32 {
+    let v = |k: usize| f32::from_le_bytes([b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]]);
+    let mut acc = [0f32; 4];
+    for l in 0..4 {
+        let t = v(l) - q_lo[l];
+        let u = v(4 + l) - q_hi[l];
+        acc[l] = t * t + u * u;
+    }
+    let t = v(8) - q_8;
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + t * t
 }
 
 fn check_kernel(k: &[f32; 9], what: &str) -> Result<()> {
@@ -718,7 +787,7 @@ impl Engine {
         // The approximate path, when asked for and when it applies; otherwise (and for layers
         // the index does not cover yet) the exact scan.
         let mut plan = Plan::exact("exact mode requested");
-        let mut exact_slots: Vec<usize> = (0..layers.len()).collect();
+        let mut exact_slots: Option<Vec<usize>> = None; // None: every selected layer
         let mut candidates: Vec<Candidate> = Vec::new();
         if q.mode == Mode::Approximate {
             plan = Plan::exact("");
@@ -726,11 +795,12 @@ impl Engine {
                 Approximate::Answered { plan: p, candidates: c, unindexed } => {
                     plan = p;
                     candidates = c;
-                    exact_slots = unindexed;
+                    exact_slots = Some(unindexed);
                 }
                 Approximate::Declined(reason) => plan.reason = reason,
             }
         }
+        let exact_slots = exact_slots.unwrap_or_else(|| (0..layers.len()).collect());
         let parts = self.scan_exact(layers, &exact_slots, &spec, q.k, &snapshot)?;
         drop(snapshot);
         let mut all: Vec<Candidate> = parts.into_iter().flat_map(|t| t.heap.into_vec()).chain(candidates).collect();
@@ -770,8 +840,10 @@ impl Engine {
         })
     }
 
-    /// The exact scan of the layers in `slots`: per work item of up to [`SCAN_CHUNK`]
-    /// filters, a bounded heap.
+    /// The exact scan of the layers in `slots`: the selected layers, in key order, are cut
+    /// into work items of about [`SCAN_CHUNK`] filters (many small layers share one item, a big
+    /// layer spreads over several); each item reads its blocks with one RocksDB cursor into one
+    /// bounded heap, and the items share the best k-th distance reached so far.
     fn scan_exact(
         &self,
         layers: &[(Arc<ModelRecord>, Arc<CatalogLayer>)],
@@ -780,29 +852,48 @@ impl Engine {
         k: usize,
         snapshot: &rocksdb::Snapshot<'_>,
     ) -> Result<Vec<TopK>> {
-        let mut items: Vec<(usize, u64, u64)> = Vec::new();
+        let mut items: Vec<Vec<(usize, u64, u64)>> = Vec::new();
+        let mut current: Vec<(usize, u64, u64)> = Vec::new();
+        let mut filled = 0u64;
         for &slot in slots {
-            let l = &layers[slot].1;
+            let n = layers[slot].1.record.n_filters;
             let mut s = 0;
-            while s < l.record.n_filters {
-                let e = (s + SCAN_CHUNK).min(l.record.n_filters);
-                items.push((slot, s, e));
+            while s < n {
+                let e = (s + SCAN_CHUNK - filled).min(n);
+                current.push((slot, s, e));
+                filled += e - s;
                 s = e;
+                if filled >= SCAN_CHUNK {
+                    items.push(std::mem::take(&mut current));
+                    filled = 0;
+                }
             }
         }
+        if !current.is_empty() {
+            items.push(current);
+        }
+        let shared = AtomicU64::new(f64::INFINITY.to_bits());
         items
             .par_iter()
-            .map(|&(slot, s, e)| -> Result<TopK> {
-                let layer = &layers[slot].1;
+            .map(|pieces| -> Result<TopK> {
                 let mut top = TopK::new(k);
-                match self.store.for_each_filter_run(Some(snapshot), &layer.record, s, e, |first, bytes| {
-                    spec.scan(slot, layer, first, bytes, &mut top)
-                }) {
-                    Ok(()) => {}
-                    Err(err) if self.layer_deleted(layer.record.layer_id) => {
-                        tracing::debug!(layer = layer.record.layer_id, %err, "layer deleted during a search; skipped");
+                // The cursor stops after the last block any piece needs.
+                let until = pieces
+                    .iter()
+                    .map(|&(slot, _, e)| (layers[slot].1.record.layer_id, ((e - 1) / BLOCK_FILTERS) as u32 + 1))
+                    .max();
+                let mut cursor = self.store.filter_cursor(Some(snapshot), until, BlockCheck::Trusted)?;
+                for &(slot, s, e) in pieces {
+                    let layer = &layers[slot].1;
+                    match cursor.for_each_run(&layer.record, s, e, |first, bytes| {
+                        spec.scan(slot, layer, first, bytes, &mut top, &shared)
+                    }) {
+                        Ok(()) => {}
+                        Err(err) if self.layer_deleted(layer.record.layer_id) => {
+                            tracing::debug!(layer = layer.record.layer_id, %err, "layer deleted during a search; skipped");
+                        }
+                        Err(err) => return Err(err.into()),
                     }
-                    Err(err) => return Err(err.into()),
                 }
                 Ok(top)
             })
@@ -878,7 +969,7 @@ impl Engine {
             if idx >= layer.record.n_filters {
                 continue;
             }
-            let vals = match self.store.read_filters_at(Some(snapshot), &layer.record, &[idx]) {
+            let vals = match self.store.read_filters_at(Some(snapshot), &layer.record, &[idx], BlockCheck::Trusted) {
                 Ok(v) => v,
                 Err(err) if self.layer_deleted(layer.record.layer_id) => {
                     tracing::debug!(layer = layer.record.layer_id, %err, "layer deleted during a search; skipped");
@@ -892,7 +983,7 @@ impl Engine {
                 for (d, v) in b.chunks_exact_mut(4).zip(f) {
                     d.copy_from_slice(&v.to_le_bytes());
                 }
-                spec.scan(slot, layer, idx, &b, &mut top);
+                spec.scan(slot, layer, idx, &b, &mut top, &AtomicU64::new(f64::INFINITY.to_bits()));
             }
         }
         Ok(Approximate::Answered {
@@ -1100,7 +1191,7 @@ mod tests {
                 for k in [1, 7, 64] {
                     let s = spec(&Metric::Raw, &q, sign);
                     let mut top = TopK::new(k);
-                    s.scan(0, &layer, 0, &bytes, &mut top);
+                    s.scan(0, &layer, 0, &bytes, &mut top, &AtomicU64::new(f64::INFINITY.to_bits()));
                     let mut got = top.heap.into_vec();
                     got.sort();
                     let mut want: Vec<(f64, u64)> = filters

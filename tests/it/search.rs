@@ -202,10 +202,11 @@ fn kernel_of(b: &[u8]) -> [f32; 9] {
     k
 }
 
-/// A safetensors file of two conv layers: one of values from {−1, −½, 0, ½, 1} (many exact
+/// A safetensors file of three conv layers: one of values from {−1, −½, 0, ½, 1} (many exact
 /// duplicates and equal distances), one of continuous values with all-zero and tiny filters.
 fn random_safetensors(seed: u32) -> (Vec<u8>, Vec<Vec<f32>>) {
-    let shapes = [[32usize, 16, 3, 3], [64, 32, 3, 3]];
+    // The third layer (73,728 filters, 18 blocks) is larger than one scan work item.
+    let shapes = [[32usize, 16, 3, 3], [64, 32, 3, 3], [288, 256, 3, 3]];
     let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
     let mut next = move || {
         x ^= x << 13;

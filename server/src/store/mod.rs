@@ -478,12 +478,19 @@ impl Store {
     /// Reads single filters of a layer by index within the layer, from a consistent view: each
     /// block is fetched once (pinned, not copied) however many of its filters are asked for.
     /// `idx` must be sorted ascending; returns the filters in that order.
-    pub fn read_filters_at(&self, snapshot: Option<&rocksdb::Snapshot<'_>>, layer: &LayerRecord, idx: &[u64]) -> Result<Vec<[f32; 9]>> {
+    pub fn read_filters_at(
+        &self,
+        snapshot: Option<&rocksdb::Snapshot<'_>>,
+        layer: &LayerRecord,
+        idx: &[u64],
+        check: BlockCheck,
+    ) -> Result<Vec<[f32; 9]>> {
         let cf = self.cf(CF_FILTER_BLOCKS)?;
         let mut ro = ReadOptions::default();
         if let Some(s) = snapshot {
             ro.set_snapshot(s);
         }
+        ro.set_verify_checksums(check == BlockCheck::Verify);
         let mut out = Vec::with_capacity(idx.len());
         let mut i = 0;
         while i < idx.len() {
@@ -639,63 +646,37 @@ impl Store {
     }
 
     /// Calls `f(first, bytes)` for the filters `[start, end)` of a layer, one run per stored
-    /// block, in order: `bytes` holds the runs' filters (36 bytes each, 9 f32 LE) starting at
-    /// index `first` of the layer, borrowed from RocksDB without a copy (the filter-block CF
-    /// reads through mmap, uncompressed). Errors when a block is missing or short.
+    /// block, in order (see [`FilterCursor::for_each_run`]).
     pub fn for_each_filter_run(
         &self,
         snapshot: Option<&rocksdb::Snapshot<'_>>,
         layer: &LayerRecord,
         start: u64,
         end: u64,
-        mut f: impl FnMut(u64, &[u8]),
+        f: impl FnMut(u64, &[u8]),
     ) -> Result<()> {
-        let end = end.min(layer.n_filters);
-        if start >= end {
-            return Ok(());
-        }
+        self.filter_cursor(snapshot, None, BlockCheck::Verify)?.for_each_run(layer, start, end, f)
+    }
+
+    /// A cursor over the filter blocks of a consistent view, for reading many layers (or parts)
+    /// in key order with one RocksDB iterator: a read that continues where the last ended needs
+    /// no seek. `until` bounds the iteration (exclusive: layer id, block) when known.
+    pub fn filter_cursor<'a>(
+        &'a self,
+        snapshot: Option<&'a rocksdb::Snapshot<'a>>,
+        until: Option<(u64, u32)>,
+        check: BlockCheck,
+    ) -> Result<FilterCursor<'a>> {
         let cf = self.cf(CF_FILTER_BLOCKS)?;
-        let first_block = (start / BLOCK_FILTERS) as u32;
-        let last_block = ((end - 1) / BLOCK_FILTERS) as u32;
         let mut ro = ReadOptions::default();
         if let Some(s) = snapshot {
             ro.set_snapshot(s);
         }
-        ro.set_iterate_upper_bound(block_key(layer.layer_id, last_block + 1).to_vec());
-        let missing = |block: u32| StoreError::Corrupt {
-            cf: CF_FILTER_BLOCKS,
-            detail: format!("layer {} block {block} missing or malformed", layer.layer_id),
-        };
-        let mut it = self.db.raw_iterator_cf_opt(cf, ro);
-        it.seek(block_key(layer.layer_id, first_block));
-        let mut done = start;
-        for expected in first_block..=last_block {
-            let (Some(k), Some(v)) = (it.key(), it.value()) else {
-                it.status()?;
-                return Err(missing(expected));
-            };
-            let block = k.get(8..12).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_be_bytes);
-            if block != Some(expected) || v.len() % FILTER_BYTES != 0 {
-                return Err(missing(expected));
-            }
-            let block_start = u64::from(expected) * BLOCK_FILTERS;
-            let n_in_block = (v.len() / FILTER_BYTES) as u64;
-            let hi = (end - block_start).min(n_in_block);
-            if block_start + hi < end.min(block_start + BLOCK_FILTERS) {
-                return Err(missing(expected));
-            }
-            let lo = done - block_start;
-            f(done, &v[lo as usize * FILTER_BYTES..hi as usize * FILTER_BYTES]);
-            done = block_start + hi;
-            it.next();
+        ro.set_verify_checksums(check == BlockCheck::Verify);
+        if let Some((layer, block)) = until {
+            ro.set_iterate_upper_bound(block_key(layer, block).to_vec());
         }
-        if done != end {
-            return Err(StoreError::Corrupt {
-                cf: CF_FILTER_BLOCKS,
-                detail: format!("layer {} holds fewer filters than its record says", layer.layer_id),
-            });
-        }
-        Ok(())
+        Ok(FilterCursor { it: self.db.raw_iterator_cf_opt(cf, ro), _snapshot: snapshot })
     }
 
     /// Writes a scheduled-ingestion job record (synced: job state must survive a crash).
@@ -727,6 +708,79 @@ impl Store {
     pub fn flush(&self) -> Result<()> {
         for name in ALL_CFS {
             self.db.flush_cf(self.cf(name)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a read of filter blocks verifies each block's checksum.
+///
+/// RocksDB checksums every block it reads (XXH3 over the block). A filter block is one value
+/// of up to 4,096 filters (147 KiB), so a nearest-neighbour scan spent a quarter of its CPU
+/// re-hashing blocks it had hashed on the previous query, and a re-ranking read hashed 147 KiB
+/// to use 36 bytes. Search reads therefore use [`BlockCheck::Trusted`]; everything that hands
+/// data out of the database or derives stored state from it (exports, snapshots, restores,
+/// analytics scans, index builds) verifies, and so does every compaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockCheck {
+    /// Verify each block read (RocksDB's default).
+    Verify,
+    /// Skip the per-read verification (search hot paths).
+    Trusted,
+}
+
+/// A forward cursor over stored filter blocks (see [`Store::filter_cursor`]).
+pub struct FilterCursor<'a> {
+    it: rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
+    _snapshot: Option<&'a rocksdb::Snapshot<'a>>,
+}
+
+impl FilterCursor<'_> {
+    /// Calls `f(first, bytes)` for the filters `[start, end)` of a layer, one run per stored
+    /// block, in order: `bytes` holds the run's filters (36 bytes each, 9 f32 LE) starting at
+    /// index `first` of the layer, borrowed from RocksDB without a copy (the filter-block CF
+    /// reads through mmap, uncompressed). Errors when a block is missing or short. Seeks only
+    /// when the cursor is not already on the first block wanted.
+    pub fn for_each_run(&mut self, layer: &LayerRecord, start: u64, end: u64, mut f: impl FnMut(u64, &[u8])) -> Result<()> {
+        let end = end.min(layer.n_filters);
+        if start >= end {
+            return Ok(());
+        }
+        let first_block = (start / BLOCK_FILTERS) as u32;
+        let last_block = ((end - 1) / BLOCK_FILTERS) as u32;
+        let missing = |block: u32| StoreError::Corrupt {
+            cf: CF_FILTER_BLOCKS,
+            detail: format!("layer {} block {block} missing or malformed", layer.layer_id),
+        };
+        let want = block_key(layer.layer_id, first_block);
+        if self.it.key() != Some(&want[..]) {
+            self.it.seek(want);
+        }
+        let mut done = start;
+        for expected in first_block..=last_block {
+            let (Some(k), Some(v)) = (self.it.key(), self.it.value()) else {
+                self.it.status()?;
+                return Err(missing(expected));
+            };
+            if k != block_key(layer.layer_id, expected) || v.len() % FILTER_BYTES != 0 {
+                return Err(missing(expected));
+            }
+            let block_start = u64::from(expected) * BLOCK_FILTERS;
+            let n_in_block = (v.len() / FILTER_BYTES) as u64;
+            let hi = (end - block_start).min(n_in_block);
+            if block_start + hi < end.min(block_start + BLOCK_FILTERS) {
+                return Err(missing(expected));
+            }
+            let lo = done - block_start;
+            f(done, &v[lo as usize * FILTER_BYTES..hi as usize * FILTER_BYTES]);
+            done = block_start + hi;
+            self.it.next();
+        }
+        if done != end {
+            return Err(StoreError::Corrupt {
+                cf: CF_FILTER_BLOCKS,
+                detail: format!("layer {} holds fewer filters than its record says", layer.layer_id),
+            });
         }
         Ok(())
     }
