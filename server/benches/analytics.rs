@@ -875,21 +875,8 @@ fn run(target: u64, seed: u64, runs: usize, skip_duckdb: bool, reuse: bool, work
 
     // Steady state before timing: RocksDB's background compactions after the bulk build would
     // otherwise share the 2 cores with the queries.
-    let settle = Instant::now();
-    while settle.elapsed() < Duration::from_secs(600) {
-        let db = engine.store().db();
-        let busy = db.property_int_value("rocksdb.num-running-compactions")?.unwrap_or(0)
-            + db.property_int_value("rocksdb.num-running-flushes")?.unwrap_or(0)
-            + match db.cf_handle(filterdb::store::keys::CF_FILTER_BLOCKS) {
-                Some(cf) => db.property_int_value_cf(cf, "rocksdb.compaction-pending")?.unwrap_or(0),
-                None => 0,
-            };
-        if busy == 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    eprintln!("background compactions settled after {:.1} s", settle.elapsed().as_secs_f64());
+    let settled = common::settle(&engine)?;
+    eprintln!("background compactions settled after {settled:.1} s");
 
     // 4a. Engine-only timings (no gRPC), for attribution.
     let engine_ms = {

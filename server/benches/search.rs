@@ -324,6 +324,8 @@ fn run(target: u64, seed: u64, nq: usize, work: &Path) -> anyhow::Result<()> {
     eprintln!("index: {} cells, {} entries, {heap_bpf:.2} B/filter heap, {rss_bpf:.2} B/filter RSS growth, built in {t_build:.1?}", st.nlist, st.entries);
 
     // 3. Bandwidth.
+    let settled = common::settle(&engine)?;
+    eprintln!("background compactions settled after {settled:.1} s");
     let bw = bandwidth(2 << 30);
     let bw_filters = bw / 36.0;
     eprintln!("memory bandwidth {:.1} GB/s = {:.0} M filters/s of 36 bytes", bw / 1e9, bw_filters / 1e6);

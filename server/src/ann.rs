@@ -756,6 +756,9 @@ impl Index {
             // Rounding moves each coordinate by at most s/254.
             let eps = s.iter().map(|v| (v / 254.0) * (v / 254.0)).sum::<f32>().sqrt() * 1.001;
             let ts: Vec<[f32; 9]> = qs.iter().map(|qv| std::array::from_fn(|d| (qv[d] - cen[d]) / s[d] * 127.0)).collect();
+            // The worst kept estimate, once the heap is full: a code farther than that cannot
+            // enter, so it is rejected before anything else is looked at.
+            let mut worst = if heap.len() < m { f32::INFINITY } else { heap.peek().map_or(f32::INFINITY, |w| w.d) };
             self.lists[c].for_each_in(ranges, |id, code| {
                 *codes += 1;
                 let mut best = f32::INFINITY;
@@ -767,8 +770,14 @@ impl Index {
                     }
                     best = best.min(acc);
                 }
+                if best > worst {
+                    return;
+                }
                 let clamped = code.iter().any(|v| *v == 127 || *v == -127);
                 offer(heap, m, Approx { d: best, id, eps: if clamped { f32::INFINITY } else { eps } });
+                if heap.len() >= m {
+                    worst = heap.peek().map_or(f32::INFINITY, |w| w.d);
+                }
             });
         };
         let work: usize = cells.iter().map(|&c| self.lists[c].len()).sum();

@@ -956,6 +956,7 @@ impl Engine {
         let by_first = &plan.by_first;
         let mut reranked = 0u64;
         let mut top = TopK::new(q.k);
+        let mut cursor = self.store.filter_cursor(Some(snapshot), None, BlockCheck::Trusted)?;
         let mut pending: Vec<&crate::ann::Approx> = cands.iter().collect();
         pending.sort_by(|a, b| a.lower_bound().total_cmp(&b.lower_bound()).then(a.id.cmp(&b.id)));
         for c in pending {
@@ -969,21 +970,17 @@ impl Engine {
             if idx >= layer.record.n_filters {
                 continue;
             }
-            let vals = match self.store.read_filters_at(Some(snapshot), &layer.record, &[idx], BlockCheck::Trusted) {
-                Ok(v) => v,
+            // Through the cursor: an iterator hands out the block in place, where a point read
+            // (`get_pinned`) copied the whole 147 KiB block for the 36 bytes wanted.
+            let shared = AtomicU64::new(f64::INFINITY.to_bits());
+            match cursor.for_each_run(&layer.record, idx, idx + 1, |first, bytes| {
+                spec.scan(slot, layer, first, bytes, &mut top, &shared)
+            }) {
+                Ok(()) => reranked += 1,
                 Err(err) if self.layer_deleted(layer.record.layer_id) => {
                     tracing::debug!(layer = layer.record.layer_id, %err, "layer deleted during a search; skipped");
-                    continue;
                 }
                 Err(err) => return Err(err.into()),
-            };
-            reranked += 1;
-            for f in &vals {
-                let mut b = [0u8; FILTER_BYTES];
-                for (d, v) in b.chunks_exact_mut(4).zip(f) {
-                    d.copy_from_slice(&v.to_le_bytes());
-                }
-                spec.scan(slot, layer, idx, &b, &mut top, &AtomicU64::new(f64::INFINITY.to_bits()));
             }
         }
         Ok(Approximate::Answered {

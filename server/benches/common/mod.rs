@@ -53,3 +53,25 @@ pub fn dir_bytes(p: &Path) -> u64 {
         })
         .sum()
 }
+
+/// Waits (at most 10 minutes) until RocksDB runs no flush or compaction and has none pending
+/// in the filter-block CF, so timed queries do not share the cores with background work after
+/// a bulk load. Returns the seconds waited.
+#[allow(dead_code)] // not every bench uses it
+pub fn settle(engine: &filterdb::engine::Engine) -> anyhow::Result<f64> {
+    let t = std::time::Instant::now();
+    while t.elapsed() < std::time::Duration::from_secs(600) {
+        let db = engine.store().db();
+        let busy = db.property_int_value("rocksdb.num-running-compactions")?.unwrap_or(0)
+            + db.property_int_value("rocksdb.num-running-flushes")?.unwrap_or(0)
+            + match db.cf_handle(filterdb::store::keys::CF_FILTER_BLOCKS) {
+                Some(cf) => db.property_int_value_cf(cf, "rocksdb.compaction-pending")?.unwrap_or(0),
+                None => 0,
+            };
+        if busy == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
