@@ -509,7 +509,7 @@ impl Engine {
                 }
             }
             idx.dedup();
-            match self.store.read_filters_at(None, &l.record, &idx, crate::store::BlockCheck::Verify) {
+            match self.store.read_filters_at(None, &l.record, &idx) {
                 Ok(v) => out.extend(v.into_iter().filter(|f| f.iter().all(|x| x.is_finite()))),
                 Err(_) if self.with_catalog(|c| c.layer(l.record.layer_id).is_none()) => {}
                 Err(e) => return Err(e.into()),
