@@ -136,48 +136,10 @@ fn no_basis() -> EngineError {
 }
 
 impl Engine {
-    /// Folds the selected layers into groups.
-    fn fold_groups<T: Default>(
-        c: &Catalog,
-        pred: &Pred,
-        grouping: &Grouping,
-        mut f: impl FnMut(&mut T, &Arc<ModelRecord>, &Arc<CatalogLayer>),
-    ) -> BTreeMap<String, T> {
-        let mut out: BTreeMap<String, T> = BTreeMap::new();
-        if let Grouping::Named(named) = grouping {
-            for (name, _) in named {
-                out.entry(name.clone()).or_default();
-            }
-        }
-        c.for_each_selected_arc(pred, |m, l| match grouping {
-            Grouping::All => f(out.entry("all".to_string()).or_default(), m, l),
-            Grouping::Field(field) => {
-                for key in group_values(*field, LayerView { model: m, layer: &l.record }) {
-                    f(out.entry(key).or_default(), m, l);
-                }
-            }
-            Grouping::Named(named) => {
-                for (name, p) in named {
-                    if p.matches(LayerView { model: m, layer: &l.record }) {
-                        f(out.entry(name.clone()).or_default(), m, l);
-                    }
-                }
-            }
-        });
-        out
-    }
-
-    /// [`Self::fold_groups`] on the rayon pool: the selected (group, layer) pairs are listed in
-    /// layer-id order, folded in fixed chunks and the chunk results merged in chunk order, so
-    /// an answer does not depend on scheduling (f64 sums are reproducible call to call).
-    fn fold_groups_par<T: Default + Send>(
-        c: &Catalog,
-        pred: &Pred,
-        grouping: &Grouping,
-        f: impl Fn(&mut T, &CatalogLayer) + Sync,
-        merge: impl Fn(&mut T, T),
-    ) -> BTreeMap<String, T> {
-        const CHUNK: usize = 1024;
+    /// The selected layers with their groups, in layer-id order: the group keys (named groups
+    /// first, even when empty) and (key index, layer) pairs — a layer appears once per group it
+    /// belongs to.
+    fn group_pairs(c: &Catalog, pred: &Pred, grouping: &Grouping) -> (Vec<String>, Vec<(usize, Arc<CatalogLayer>)>) {
         let mut keys: Vec<String> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
         let mut slot = |k: String| -> usize {
@@ -208,6 +170,22 @@ impl Engine {
                 }
             }
         });
+        (keys, pairs)
+    }
+
+    /// Folds the selected layers into groups on the rayon pool: the pairs of
+    /// [`Self::group_pairs`] are folded in fixed chunks and the chunk results merged in chunk
+    /// order, so an answer does not depend on scheduling (f64 sums are reproducible call to
+    /// call).
+    fn fold_groups_par<T: Default + Send>(
+        c: &Catalog,
+        pred: &Pred,
+        grouping: &Grouping,
+        f: impl Fn(&mut T, &CatalogLayer) + Sync,
+        merge: impl Fn(&mut T, T),
+    ) -> BTreeMap<String, T> {
+        const CHUNK: usize = 1024;
+        let (keys, pairs) = Self::group_pairs(c, pred, grouping);
         let n = keys.len();
         let parts: Vec<Vec<Option<T>>> = pairs
             .par_chunks(CHUNK)
@@ -455,8 +433,12 @@ impl Engine {
         }
         let basis = record_basis(&record);
         let c = self.read_catalog();
-        let members = Self::fold_groups::<Vec<Arc<CatalogLayer>>>(&c, pred, grouping, |acc, _, l| acc.push(l.clone()));
+        let (keys, pairs) = Self::group_pairs(&c, pred, grouping);
         drop(c);
+        let mut members: BTreeMap<String, Vec<Arc<CatalogLayer>>> = keys.iter().map(|k| (k.clone(), Vec::new())).collect();
+        for (g, l) in pairs {
+            members.entry(keys[g].clone()).or_default().push(l);
+        }
         let bins = record.bins as usize;
         let mut out = Vec::new();
         for (key, layers) in members {

@@ -903,15 +903,8 @@ mod tests {
         assert_eq!(s.load_all().unwrap().next_ids, NextIds::default());
     }
 
-    #[test]
-    fn blocks_ingested_as_an_sst_file_read_back_and_a_crash_before_the_commit_leaves_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(dir.path()).unwrap();
-        s.sst_min_bytes = 1;
-        let empty = count_keys(&s);
-        let filters: Vec<f32> = (0..9 * 5000).map(|x| x as f32 * 0.5 - 7.0).collect();
-        let mut m = model(0, 0, 0, 2);
-        m.n_filters = 10_000;
+    /// Layers 0 and 1 of model 0, 5,000 filters each (filter ids 0..5000 and 5000..10000).
+    fn two_layers() -> (LayerRecord, LayerRecord) {
         let l0 = LayerRecord {
             layer_id: 0,
             model_id: 0,
@@ -926,6 +919,19 @@ mod tests {
             n_filters: 5000,
         };
         let l1 = LayerRecord { layer_id: 1, layer_index: 1, first_filter_id: 5000, ..l0.clone() };
+        (l0, l1)
+    }
+
+    #[test]
+    fn blocks_ingested_as_an_sst_file_read_back_and_a_crash_before_the_commit_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        s.sst_min_bytes = 1;
+        let empty = count_keys(&s);
+        let filters: Vec<f32> = (0..9 * 5000).map(|x| x as f32 * 0.5 - 7.0).collect();
+        let mut m = model(0, 0, 0, 2);
+        m.n_filters = 10_000;
+        let (l0, l1) = two_layers();
         let stats = LayerStats::of(&filters);
         // Layers out of id order: the SST gets its keys sorted.
         let rows = vec![(l1.clone(), stats.clone(), filters.as_slice()), (l0.clone(), stats, filters.as_slice())];
@@ -962,20 +968,7 @@ mod tests {
         let filters: Vec<f32> = (0..9 * 5000).map(|x| x as f32).collect();
         let mut m = model(0, 0, 0, 2);
         m.n_filters = 10_000;
-        let l0 = LayerRecord {
-            layer_id: 0,
-            model_id: 0,
-            layer_index: 0,
-            tensor_name: "a".into(),
-            out_channels: 50,
-            in_channels: 100,
-            groups: None,
-            conv_depth: 0,
-            conv_depth_norm: 0.0,
-            first_filter_id: 0,
-            n_filters: 5000,
-        };
-        let l1 = LayerRecord { layer_id: 1, layer_index: 1, first_filter_id: 5000, ..l0.clone() };
+        let (l0, l1) = two_layers();
         let stats = LayerStats::of(&filters);
         let rows = vec![(l0.clone(), stats.clone(), filters.as_slice()), (l1.clone(), stats, filters.as_slice())];
         s.commit_model(&m, &rows, NextIds { model: 1, layer: 2, filter: 10_000 }, None, &[], None).unwrap();
