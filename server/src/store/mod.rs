@@ -93,6 +93,12 @@ pub struct Loaded {
     pub next_ids: NextIds,
 }
 
+/// Target size of the filter-block CF's SST data blocks. A filter block (one value, up to
+/// 147 KiB) is never split, so this matters for the many small layers: 4 KiB (RocksDB's
+/// default) gave a search scan one data-block load per small layer; 256 KiB packs dozens of
+/// them into one (measured: exact scan of 1e7 filters 46 → 29 ms with the setting below).
+const FILTER_DATA_BLOCK_BYTES: usize = 256 << 10;
+
 fn cf_options(name: &str) -> Options {
     let mut o = Options::default();
     if name == CF_FILTER_BLOCKS {
@@ -104,6 +110,11 @@ fn cf_options(name: &str) -> Options {
         // Point reads (search re-ranking) skip files that do not hold the key.
         let mut t = rocksdb::BlockBasedOptions::default();
         t.set_bloom_filter(10.0, false);
+        t.set_block_size(FILTER_DATA_BLOCK_BYTES);
+        // Every key a restart point: a seek inside a large data block (search re-ranking)
+        // binary-searches the keys instead of walking up to 16 values of ~10 KiB each. Costs
+        // 4 bytes per value.
+        t.set_block_restart_interval(1);
         o.set_block_based_table_factory(&t);
     } else {
         o.set_compression_type(rocksdb::DBCompressionType::Lz4);
@@ -668,6 +679,10 @@ impl Store {
             ro.set_snapshot(s);
         }
         ro.set_verify_checksums(check == BlockCheck::Verify);
+        // Search reads leave the block cache alone: the CF is read through mmap, uncompressed,
+        // so a block read in place costs no copy, where filling the cache copied every block
+        // a scan touched (and evicted the rest).
+        ro.fill_cache(check == BlockCheck::Verify);
         if let Some((layer, block)) = until {
             ro.set_iterate_upper_bound(block_key(layer, block).to_vec());
         }
