@@ -381,7 +381,7 @@ fn run(target: u64, seed: u64, nq: usize, work: &Path) -> anyhow::Result<()> {
             let q_s = qps(nq, Duration::from_millis(300), |i| {
                 let _ = engine.nearest(&query(queries[i], &sel, Mode::Approximate, np), 1000);
             });
-            eprintln!("  nprobe {np:>3} (used {:>4}, {:?}): recall@10 {recall:.3}, {q_s:.0} QPS", one.nprobe, one.mode);
+            eprintln!("  nprobe {np:>3} (used {:>4}, {:?}, {} re-ranked): recall@10 {recall:.3}, {q_s:.0} QPS", one.nprobe, one.mode, one.candidates_reranked);
             points.push(json!({"nprobe": np, "nprobe_used": one.nprobe, "mode": format!("{:?}", one.mode), "recall": recall, "qps": q_s}));
         }
         sel_rows.push(json!({"label": label, "expr": expr, "selected": selected, "selectivity": selected as f64 / n_total as f64,

@@ -13,7 +13,9 @@
 //!   [−1, 1] (members beyond are clamped: their code distance is then a lower-quality estimate,
 //!   and exact re-ranking repairs the order among the candidates);
 //! - per filter 9 bytes of code `round(127 · (f − c)/s)` and its id, delta-coded in u16 with an
-//!   escape for large gaps, with a skip entry every [`SKIP`] entries: 11 bytes and a little per
+//!   escape for large gaps, with a skip entry every [`SKIP`] entries; in memory the codes of
+//!   each group of [`SKIP`] entries are stored transposed (value-major), so a group's 64 code
+//!   distances are nine vectorisable runs: 11 bytes and a little per
 //!   filter in memory;
 //! - persistence: one segment record per model (its entries grouped by cell) in the
 //!   `search_index` column family, written in the same synced batch as the model itself and
@@ -23,11 +25,14 @@
 //!   current quantizer version (stored while an index was being built) are answered by the
 //!   exact scan until the background builder has encoded them.
 //!
-//! A query: distances from q to the `nlist` fine centroids choose the `nprobe` nearest cells
-//! (the nearest for −q too when sign invariant); `nprobe` is scaled by √(1/selectivity) so a
-//! narrow selection still meets enough of its own filters; each probed list is
-//! intersected with the selection; code distances keep the best `k · rerank` candidates, whose
-//! exact distances (the exact mode's formula, bit for bit) decide the answer.
+//! A query: distances from q to the `nlist` fine centroids (stored transposed as well) choose
+//! the `nprobe` nearest cells (the nearest for −q too when sign invariant); `nprobe` is scaled
+//! by √(1/selectivity) so a narrow selection still meets enough of its own filters; in each
+//! probed list the groups that hold a selected id get their code distances computed (pass 1);
+//! then the groups are visited in order of their nearest code, their ids decoded and
+//! intersected with the selection, until the nearest code of the next group is beyond the
+//! `k · rerank`-th best kept (pass 2); the kept candidates' exact distances (the exact mode's
+//! formula, bit for bit) decide the answer.
 
 use std::collections::BinaryHeap;
 
@@ -468,7 +473,9 @@ impl Segment {
     }
 }
 
-/// One posting list: ids ascending, delta-coded.
+/// One posting list: ids ascending, delta-coded; codes transposed per group of [`SKIP`]
+/// entries (all value-0 bytes of the group, then all value-1 bytes, …), so that a group's code
+/// distances are computed as nine runs of 64 lanes.
 #[derive(Debug, Default, Clone)]
 struct List {
     /// id − previous id, or 0 when the id is in `escapes` (first entry, or a gap ≥ 2¹⁶).
@@ -476,8 +483,22 @@ struct List {
     escapes: Vec<u64>,
     /// Per group of [`SKIP`] entries: (first id, escapes consumed before the group).
     skips: Vec<(u64, u32)>,
-    codes: Vec<[i8; 9]>,
+    /// 9 · SKIP bytes per full group: byte `d · SKIP + j` of group g is value d of entry
+    /// g · SKIP + j.
+    codes: Vec<i8>,
+    /// The codes of the last, partial group, as they came (transposed when the group fills).
+    tail: Vec<[i8; 9]>,
     last: Option<u64>,
+}
+
+/// What a walk over a list needs to know of one probed cell and query.
+struct CellQuery {
+    /// The query (and −q when `n` is 2) in code units: t = 127 (q − c)/s.
+    ts: [[f32; 9]; 2],
+    /// Queries in `ts`.
+    n: usize,
+    /// Per value: (s/127)².
+    w: [f32; 9],
 }
 
 impl List {
@@ -494,7 +515,13 @@ impl List {
             self.escapes.push(id);
         }
         self.deltas.push(delta);
-        self.codes.push(code);
+        self.tail.push(code);
+        if self.tail.len() == SKIP {
+            let at = self.codes.len();
+            self.codes.resize(at + 9 * SKIP, 0);
+            transpose(&self.tail, &mut self.codes[at..]);
+            self.tail.clear();
+        }
         self.last = Some(id);
     }
 
@@ -506,17 +533,60 @@ impl List {
         self.deltas.capacity() * 2
             + self.escapes.capacity() * 8
             + self.skips.capacity() * 16
-            + self.codes.capacity() * 9
+            + self.codes.capacity()
+            + self.tail.capacity() * 9
     }
 
-    /// Calls `f(id, code)` for every entry whose id lies in one of `ranges` (sorted, disjoint,
-    /// half-open). Groups that lie wholly between ranges are skipped without being decoded.
-    fn for_each_in(&self, ranges: &[(u64, u64)], mut f: impl FnMut(u64, &[i8; 9])) {
+    /// Full (transposed) groups.
+    fn full_groups(&self) -> usize {
+        self.codes.len() / (9 * SKIP)
+    }
+
+    /// The code of entry `i`.
+    fn code(&self, i: usize) -> [i8; 9] {
+        let (g, j) = (i / SKIP, i % SKIP);
+        if g < self.full_groups() {
+            std::array::from_fn(|d| self.codes[g * 9 * SKIP + d * SKIP + j])
+        } else {
+            self.tail[j]
+        }
+    }
+
+    /// The ids of group `g`'s entries into `out`; returns how many.
+    fn group_ids(&self, g: usize, out: &mut [u64; SKIP]) -> usize {
+        let Some(&(first, esc)) = self.skips.get(g) else { return 0 };
+        let start = g * SKIP;
+        let end = (start + SKIP).min(self.len());
+        let mut e = esc as usize;
+        let mut id = first;
+        for (i, o) in (start..end).zip(out.iter_mut()) {
+            let d = self.deltas[i];
+            if i == start {
+                if d == 0 {
+                    e += 1;
+                }
+            } else if d == 0 {
+                id = self.escapes[e];
+                e += 1;
+            } else {
+                id += u64::from(d);
+            }
+            *o = id;
+        }
+        end - start
+    }
+
+    /// Pass 1 of a probe: the code distances of every group that may hold an entry of
+    /// `ranges` (sorted, disjoint, half-open; groups that lie wholly between ranges are skipped),
+    /// appended to `dists`, with a [`GroupRef`] per group (`slot` names the list) in `groups`.
+    /// Returns the codes whose distance was computed.
+    fn distances_in(&self, ranges: &[(u64, u64)], cq: &CellQuery, kernel: Kernel, slot: u32, dists: &mut Vec<[f32; SKIP]>, groups: &mut Vec<GroupRef>) -> u64 {
         let n = self.len();
-        let mut r = 0;
-        let mut g = 0;
+        let mut computed = 0u64;
+        let mut tail = [0i8; 9 * SKIP];
+        let (mut r, mut g) = (0, 0);
         while g < self.skips.len() && r < ranges.len() {
-            let (first, esc) = self.skips[g];
+            let first = self.skips[g].0;
             let next_first = self.skips.get(g + 1).map_or(u64::MAX, |s| s.0);
             // Ranges ending before this group are done.
             while r < ranges.len() && ranges[r].1 <= first {
@@ -532,35 +602,161 @@ impl List {
                 g = j.saturating_sub(1).max(g + 1);
                 continue;
             }
-            let start = g * SKIP;
-            let end = (start + SKIP).min(n);
-            let mut e = esc as usize;
-            let mut id = first;
-            for i in start..end {
-                let d = self.deltas[i];
-                if i == start {
-                    if d == 0 {
-                        e += 1;
-                    }
-                } else if d == 0 {
-                    id = self.escapes[e];
-                    e += 1;
-                } else {
-                    id += u64::from(d);
+            let codes = match self.codes.get(g * 9 * SKIP..(g + 1) * 9 * SKIP) {
+                Some(c) => c,
+                None => {
+                    transpose(&self.tail, &mut tail);
+                    &tail[..]
                 }
-                while r < ranges.len() && ranges[r].1 <= id {
-                    r += 1;
-                }
-                if r == ranges.len() {
-                    return;
-                }
-                if id >= ranges[r].0 {
-                    f(id, &self.codes[i]);
-                }
+            };
+            let mut d = [0f32; SKIP];
+            let mut min = kernel.group(codes, cq, &mut d);
+            let len = (n - g * SKIP).min(SKIP);
+            if len < SKIP {
+                // The zero padding of the last, partial group is no entry.
+                d[len..].fill(f32::INFINITY);
+                min = d.iter().fold(f32::INFINITY, |m, v| m.min(*v));
             }
+            groups.push(GroupRef { min, slot, group: g as u32, dists: dists.len() as u32 });
+            dists.push(d);
+            computed += len as u64;
             g += 1;
         }
+        computed
     }
+
+    /// Pass 2: calls `f(id, entry, distance, worst)` for the entries of group `g` whose id lies
+    /// in one of `ranges` and whose distance (`dist`, from pass 1) is at most `*worst` (which
+    /// `f` may lower).
+    fn visit(&self, g: usize, dist: &[f32; SKIP], ranges: &[(u64, u64)], worst: &mut f32, mut f: impl FnMut(u64, usize, f32, &mut f32)) {
+        let mut ids = [0u64; SKIP];
+        let len = self.group_ids(g, &mut ids);
+        let mut r = ranges.partition_point(|x| x.1 <= ids[0]);
+        for (j, id) in ids[..len].iter().enumerate() {
+            while r < ranges.len() && ranges[r].1 <= *id {
+                r += 1;
+            }
+            if r == ranges.len() {
+                return;
+            }
+            if *id >= ranges[r].0 && dist[j] <= *worst {
+                f(*id, g * SKIP + j, dist[j], worst);
+            }
+        }
+    }
+}
+
+/// A group of [`SKIP`] entries whose code distances pass 1 computed.
+#[derive(Debug, Clone, Copy)]
+struct GroupRef {
+    /// Its smallest code distance.
+    min: f32,
+    /// The probed list it belongs to (index into the probe's cells).
+    slot: u32,
+    /// Group number in that list.
+    group: u32,
+    /// Index of its distances.
+    dists: u32,
+}
+
+/// Writes up to [`SKIP`] codes transposed into `out` (9 · SKIP bytes; zero past the codes).
+fn transpose(codes: &[[i8; 9]], out: &mut [i8]) {
+    out.fill(0);
+    for (j, c) in codes.iter().enumerate().take(SKIP) {
+        for (d, v) in c.iter().enumerate() {
+            out[d * SKIP + j] = *v;
+        }
+    }
+}
+
+/// Code distances of one group of [`SKIP`] entries: Σ_d w_d (code_d − t_d)², summed in order
+/// d = 0..8, the smaller over the query and −q; written to `out`, the smallest returned. The
+/// same arithmetic on every path (no FMA), so the AVX2 build gives the portable build's values.
+#[inline(always)]
+fn group_distances(codes: &[i8], cq: &CellQuery, out: &mut [f32; SKIP]) -> f32 {
+    *out = [f32::INFINITY; SKIP];
+    for t in &cq.ts[..cq.n] {
+        let mut acc = [0f32; SKIP];
+        for (d, row) in codes.chunks_exact(SKIP).enumerate().take(9) {
+            let (td, wd) = (t[d], cq.w[d]);
+            for (a, c) in acc.iter_mut().zip(row) {
+                let x = f32::from(*c) - td;
+                *a += wd * x * x;
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = o.min(*a);
+        }
+    }
+    out.iter().fold(f32::INFINITY, |m, v| m.min(*v))
+}
+
+/// Which build of [`group_distances`] runs.
+#[derive(Debug, Clone, Copy)]
+enum Kernel {
+    Portable,
+    /// Only [`Kernel::detect`] makes it, on a CPU with AVX2.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Kernel {
+    fn detect() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Kernel::Avx2;
+        }
+        Kernel::Portable
+    }
+
+    #[inline(always)]
+    fn group(self, codes: &[i8], cq: &CellQuery, out: &mut [f32; SKIP]) -> f32 {
+        match self {
+            Kernel::Portable => group_distances(codes, cq, out),
+            // SAFETY: `Kernel::Avx2` is only made on a CPU that has AVX2, the only feature the
+            // function enables.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { group_distances_avx2(codes, cq, out) },
+        }
+    }
+
+    fn centroid_distances(self, ct: &[f32], q: &[f32; 9], out: &mut [f32]) {
+        match self {
+            Kernel::Portable => centroid_distances(ct, q, out),
+            // SAFETY: as in `group`.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { centroid_distances_avx2(ct, q, out) },
+        }
+    }
+}
+
+/// Squared distances from q to every centroid (`ct`: the centroids transposed, as
+/// `Index::centroids_t`), each summed in order d = 0..8 as [`d2`] sums them.
+#[inline(always)]
+fn centroid_distances(ct: &[f32], q: &[f32; 9], out: &mut [f32]) {
+    let n = out.len();
+    out.fill(0.0);
+    for (d, row) in ct.chunks_exact(n).enumerate().take(9) {
+        let qd = q[d];
+        for (o, c) in out.iter_mut().zip(row) {
+            let t = qd - c;
+            *o += t * t;
+        }
+    }
+}
+
+/// [`centroid_distances`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn centroid_distances_avx2(ct: &[f32], q: &[f32; 9], out: &mut [f32]) {
+    centroid_distances(ct, q, out)
+}
+
+/// [`group_distances`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn group_distances_avx2(codes: &[i8], cq: &CellQuery, out: &mut [f32; SKIP]) -> f32 {
+    group_distances(codes, cq, out)
 }
 
 /// A candidate by code distance.
@@ -616,6 +812,8 @@ fn offer(heap: &mut BinaryHeap<Approx>, m: usize, a: Approx) {
 pub struct Index {
     /// The quantizer.
     pub quantizer: Quantizer,
+    /// The cell centroids transposed: value d of centroid i at `d · nlist + i`.
+    centroids_t: Vec<f32>,
     lists: Vec<List>,
     /// Models whose entries are in the lists (deleted ones included until a rebuild).
     models: std::collections::HashSet<u64>,
@@ -637,8 +835,10 @@ impl Index {
     /// An empty index for a quantizer.
     pub fn new(quantizer: Quantizer) -> Index {
         let n = quantizer.nlist();
+        let centroids_t = (0..9).flat_map(|d| quantizer.centroids.iter().map(move |c| c[d])).collect();
         Index {
             quantizer,
+            centroids_t,
             lists: vec![List::default(); n],
             models: Default::default(),
             entries: 0,
@@ -683,6 +883,7 @@ impl Index {
             l.escapes.shrink_to_fit();
             l.skips.shrink_to_fit();
             l.codes.shrink_to_fit();
+            l.tail.shrink_to_fit();
         }
     }
 
@@ -721,23 +922,39 @@ impl Index {
 
     /// Heap bytes held by the lists and the quantizer.
     pub fn bytes(&self) -> u64 {
-        let q = (self.quantizer.coarse.len() + 2 * self.quantizer.centroids.len()) * 36;
+        let q = (self.quantizer.coarse.len() + 2 * self.quantizer.centroids.len()) * 36 + self.centroids_t.capacity() * 4;
         (self.lists.iter().map(List::bytes).sum::<usize>() + q + self.lists.len() * std::mem::size_of::<List>()) as u64
     }
 
-    /// The `nprobe` cells nearest to each query (union, ascending).
-    fn probe_cells(&self, qs: &[[f32; 9]], nprobe: usize) -> Vec<usize> {
+    /// The `nprobe` cells nearest to each query (union, ascending); ties by lower cell.
+    fn probe_cells(&self, qs: &[[f32; 9]], nprobe: usize, kernel: Kernel) -> Vec<usize> {
         let nlist = self.quantizer.nlist();
         let nprobe = nprobe.clamp(1, nlist);
         let mut cells = Vec::new();
+        let mut d = vec![0f32; nlist];
         for q in qs {
-            let mut d: Vec<(f32, usize)> =
-                self.quantizer.centroids.iter().enumerate().map(|(i, c)| (d2(q, c), i)).collect();
-            if nprobe < nlist {
-                d.select_nth_unstable_by(nprobe - 1, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-                d.truncate(nprobe);
+            kernel.centroid_distances(&self.centroids_t, q, &mut d);
+            if nprobe <= 64 {
+                // A short sorted list of the best so far: most cells are farther than its last.
+                let mut best: Vec<(f32, usize)> = Vec::with_capacity(nprobe + 1);
+                // Distances are sums of squares of finite values: no NaN, so `<` orders them.
+                for (i, &x) in d.iter().enumerate() {
+                    if best.len() == nprobe && best.last().is_some_and(|w| x >= w.0) {
+                        continue;
+                    }
+                    let at = best.partition_point(|b| b.0 <= x);
+                    best.insert(at, (x, i));
+                    best.truncate(nprobe);
+                }
+                cells.extend(best.into_iter().map(|b| b.1));
+            } else {
+                let mut v: Vec<(f32, usize)> = d.iter().copied().zip(0..).collect();
+                if nprobe < nlist {
+                    v.select_nth_unstable_by(nprobe - 1, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                    v.truncate(nprobe);
+                }
+                cells.extend(v.into_iter().map(|x| x.1));
             }
-            cells.extend(d.into_iter().map(|x| x.1));
         }
         cells.sort_unstable();
         cells.dedup();
@@ -747,66 +964,60 @@ impl Index {
     /// The `m` best candidates by code distance among entries in `ranges` (sorted, disjoint
     /// filter-id ranges) of the `nprobe` cells nearest to q (and to −q when `qs` has two).
     pub fn candidates(&self, qs: &[[f32; 9]], nprobe: usize, ranges: &[(u64, u64)], m: usize) -> (Vec<Approx>, ProbeStats) {
-        let cells = self.probe_cells(qs, nprobe);
+        let kernel = Kernel::detect();
+        let cells = self.probe_cells(qs, nprobe, kernel);
         let q = &self.quantizer;
-        let scan = |heap: &mut BinaryHeap<Approx>, codes: &mut u64, c: usize| {
-            let (cen, s) = (&q.centroids[c], &q.scale[c]);
-            // Distance in code units: Σ w_d (code_d − t_d)², t = 127 (q − c)/s, w = (s/127)².
-            let w: [f32; 9] = std::array::from_fn(|d| (s[d] / 127.0) * (s[d] / 127.0));
-            // Rounding moves each coordinate by at most s/254.
-            let eps = s.iter().map(|v| (v / 254.0) * (v / 254.0)).sum::<f32>().sqrt() * 1.001;
-            let ts: Vec<[f32; 9]> = qs.iter().map(|qv| std::array::from_fn(|d| (qv[d] - cen[d]) / s[d] * 127.0)).collect();
-            // The worst kept estimate, once the heap is full: a code farther than that cannot
-            // enter, so it is rejected before anything else is looked at.
-            let mut worst = if heap.len() < m { f32::INFINITY } else { heap.peek().map_or(f32::INFINITY, |w| w.d) };
-            self.lists[c].for_each_in(ranges, |id, code| {
-                *codes += 1;
-                let mut best = f32::INFINITY;
-                for t in &ts {
-                    let mut acc = 0f32;
-                    for d in 0..9 {
-                        let x = f32::from(code[d]) - t[d];
-                        acc += w[d] * x * x;
+        // Two passes over the probed lists: every code distance first, then the groups in
+        // order of their nearest code, so the heap holds near candidates early and the walk
+        // stops at the first group whose nearest code is beyond the worst kept — most groups'
+        // ids are never decoded.
+        let scan = |cells: &[usize]| -> (BinaryHeap<Approx>, u64) {
+            let (mut dists, mut groups, mut eps) = (Vec::new(), Vec::new(), Vec::with_capacity(cells.len()));
+            let mut codes = 0u64;
+            for (slot, &c) in cells.iter().enumerate() {
+                let (cen, s) = (&q.centroids[c], &q.scale[c]);
+                // Distance in code units: Σ w_d (code_d − t_d)², t = 127 (q − c)/s, w = (s/127)².
+                let mut cq = CellQuery { ts: [[0f32; 9]; 2], n: qs.len().min(2), w: std::array::from_fn(|d| (s[d] / 127.0) * (s[d] / 127.0)) };
+                for (t, qv) in cq.ts.iter_mut().zip(qs) {
+                    *t = std::array::from_fn(|d| (qv[d] - cen[d]) / s[d] * 127.0);
+                }
+                // Rounding moves each coordinate by at most s/254.
+                eps.push(s.iter().map(|v| (v / 254.0) * (v / 254.0)).sum::<f32>().sqrt() * 1.001);
+                codes += self.lists[c].distances_in(ranges, &cq, kernel, slot as u32, &mut dists, &mut groups);
+            }
+            groups.sort_unstable_by(|a, b| a.min.total_cmp(&b.min));
+            let mut heap = BinaryHeap::with_capacity(m + 1);
+            let mut worst = f32::INFINITY;
+            for gr in &groups {
+                if gr.min > worst {
+                    break;
+                }
+                let list = &self.lists[cells[gr.slot as usize]];
+                let eps = eps[gr.slot as usize];
+                list.visit(gr.group as usize, &dists[gr.dists as usize], ranges, &mut worst, |id, i, d, worst| {
+                    let clamped = list.code(i).iter().any(|v| *v == 127 || *v == -127);
+                    offer(&mut heap, m, Approx { d, id, eps: if clamped { f32::INFINITY } else { eps } });
+                    if heap.len() >= m {
+                        *worst = heap.peek().map_or(f32::INFINITY, |w| w.d);
                     }
-                    best = best.min(acc);
-                }
-                if best > worst {
-                    return;
-                }
-                let clamped = code.iter().any(|v| *v == 127 || *v == -127);
-                offer(heap, m, Approx { d: best, id, eps: if clamped { f32::INFINITY } else { eps } });
-                if heap.len() >= m {
-                    worst = heap.peek().map_or(f32::INFINITY, |w| w.d);
-                }
-            });
+                });
+            }
+            (heap, codes)
         };
         let work: usize = cells.iter().map(|&c| self.lists[c].len()).sum();
         let (heap, codes) = if work < 65_536 {
             // Small probes run on the calling thread: concurrent queries fill the cores.
-            let (mut heap, mut codes) = (BinaryHeap::with_capacity(m + 1), 0u64);
-            for &c in &cells {
-                scan(&mut heap, &mut codes, c);
-            }
-            (heap, codes)
+            scan(&cells)
         } else {
-            cells
-                .par_iter()
-                .fold(
-                    || (BinaryHeap::<Approx>::with_capacity(m + 1), 0u64),
-                    |(mut heap, mut codes), &c| {
-                        scan(&mut heap, &mut codes, c);
-                        (heap, codes)
-                    },
-                )
-                .reduce(
-                    || (BinaryHeap::new(), 0u64),
-                    |(mut h1, c1), (h2, c2)| {
-                        for a in h2 {
-                            offer(&mut h1, m, a);
-                        }
-                        (h1, c1 + c2)
-                    },
-                )
+            cells.par_chunks(cells.len().div_ceil(rayon::current_num_threads() * 4).max(1)).map(scan).reduce(
+                || (BinaryHeap::new(), 0u64),
+                |(mut h1, c1), (h2, c2)| {
+                    for a in h2 {
+                        offer(&mut h1, m, a);
+                    }
+                    (h1, c1 + c2)
+                },
+            )
         };
         let mut v = heap.into_vec();
         v.sort_unstable();
@@ -839,17 +1050,34 @@ mod tests {
             l.push(id, [id as i8; 9]);
         }
         let ranges = [(0, 1), (500, 90_000), (1_000_000, 1_000_001), (5_000_000, 20_000_000), (36_000_000, u64::MAX)];
-        let mut got = Vec::new();
-        l.for_each_in(&ranges, |id, code| {
-            assert_eq!(code[0], id as i8);
-            got.push(id);
-        });
+        let cq = CellQuery { ts: [[0.0; 9]; 2], n: 1, w: [1.0; 9] };
+        // Both passes, groups in list order, every distance accepted.
+        let walk_within = |ranges: &[(u64, u64)], kernel: Kernel, mut worst: f32| {
+            let (mut dists, mut groups) = (Vec::new(), Vec::new());
+            let computed = l.distances_in(ranges, &cq, kernel, 0, &mut dists, &mut groups);
+            let mut got = Vec::new();
+            for gr in &groups {
+                assert_eq!(gr.min, dists[gr.dists as usize].iter().fold(f32::INFINITY, |m, v| m.min(*v)));
+                l.visit(gr.group as usize, &dists[gr.dists as usize], ranges, &mut worst, |id, i, d, _| {
+                    let code = l.code(i);
+                    assert_eq!(code[0], id as i8);
+                    assert_eq!(d, 9.0 * f32::from(code[0]) * f32::from(code[0]));
+                    got.push(id);
+                });
+            }
+            (got, computed)
+        };
+        let walk = |ranges: &[(u64, u64)], kernel: Kernel| walk_within(ranges, kernel, f32::INFINITY).0;
         let want: Vec<u64> =
             ids.iter().copied().filter(|id| ranges.iter().any(|r| *id >= r.0 && *id < r.1)).collect();
-        assert_eq!(got, want);
-        let mut all = Vec::new();
-        l.for_each_in(&[(0, u64::MAX)], |id, _| all.push(id));
-        assert_eq!(all, ids);
+        for kernel in [Kernel::detect(), Kernel::Portable] {
+            assert_eq!(walk(&ranges, kernel), want);
+            assert_eq!(walk(&[(0, u64::MAX)], kernel), ids);
+        }
+        // A bound on the distance skips the entries beyond it.
+        let (near, computed) = walk_within(&[(0, u64::MAX)], Kernel::detect(), 9.0 * 10.0 * 10.0);
+        assert_eq!(near, ids.iter().copied().filter(|id| (*id as i8).unsigned_abs() <= 10).collect::<Vec<_>>());
+        assert_eq!(computed, 1000);
     }
 
     #[test]
@@ -873,6 +1101,27 @@ mod tests {
     }
 
     #[test]
+    fn probed_cells_are_the_nearest_centroids_ties_by_lower_cell() {
+        let pts = clustered(20_000, 9);
+        let q = Quantizer::train(1, &pts, pts.len() as u64);
+        let idx = Index::new(q.clone());
+        let mut r = XorShift(77);
+        for t in 0..40 {
+            // Some queries sit exactly on a centroid (a tie at distance 0 with any duplicate).
+            let query: [f32; 9] = if t % 4 == 0 { q.centroids[t * 7 % q.nlist()] } else { std::array::from_fn(|_| (r.next() >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0) };
+            let mut all: Vec<(f32, usize)> = q.centroids.iter().enumerate().map(|(i, c)| (d2(&query, c), i)).collect();
+            all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            for np in [1, 2, 7, 64, 65, 300] {
+                let mut want: Vec<usize> = all.iter().take(np).map(|x| x.1).collect();
+                want.sort_unstable();
+                for kernel in [Kernel::detect(), Kernel::Portable] {
+                    assert_eq!(idx.probe_cells(&[query], np, kernel), want, "query {t}, nprobe {np}, {kernel:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn probing_every_cell_finds_the_true_nearest_among_the_candidates() {
         let pts = clustered(30_000, 5);
         let q = Quantizer::train(1, &pts, pts.len() as u64);
@@ -882,7 +1131,8 @@ mod tests {
         let query = [0.1f32, -0.2, 0.3, 0.0, 0.5, -0.1, 0.2, 0.2, -0.3];
         let ranges = [(1000, 20_000)];
         let (cands, stats) = idx.candidates(&[query], q.nlist(), &ranges, 50);
-        assert_eq!(stats.codes, 19_000);
+        // Whole groups are computed: the selected 19,000 and at most a group each side per list.
+        assert!((19_000..=19_000 + 2 * SKIP as u64 * q.nlist() as u64).contains(&stats.codes), "{}", stats.codes);
         let mut exact: Vec<(f32, u64)> =
             (1000..20_000u64).map(|i| (d2(&pts[i as usize], &query), i)).collect();
         exact.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));

@@ -185,9 +185,10 @@ async fn search_approximate_recall_exact_distances_selection_and_maintenance() {
     assert_eq!(st2.version, st.version + 1, "{phases:?}");
     assert_eq!(st2.entries, st.entries);
     assert!(phases.iter().any(|p| p == "training") && phases.iter().any(|p| p == "encoding"), "{phases:?}");
-    // After a build: 9 bytes of code, 2 of id delta, the skip table, and per-cell overhead that
-    // a store this small does not amortise (the benchmark reports the figure at scale).
-    assert!(st2.bytes_per_filter > 11.0 && st2.bytes_per_filter < 15.0, "bytes per filter {}", st2.bytes_per_filter);
+    // After a build: 9 bytes of code, 2 of id delta, the skip table, and per-cell overhead (the
+    // centroids twice, scales, list headers: about 150 bytes a cell) that a store this small
+    // does not amortise (the benchmark reports the figure at scale).
+    assert!(st2.bytes_per_filter > 11.0 && st2.bytes_per_filter < 16.0, "bytes per filter {}", st2.bytes_per_filter);
 
     // The CLI: state, a rebuild with progress, and an approximate query, as JSON.
     let url = server.url.clone();
