@@ -31,7 +31,7 @@ use crate::catalog::CatalogLayer;
 use crate::engine::{Engine, EngineError, Result};
 use crate::quality::{self, Basis};
 use crate::selection::Pred;
-use crate::store::BlockCheck;
+use crate::store::{BlockCheck, FilterCursor};
 use crate::store::keys::{BLOCK_FILTERS, FILTER_BYTES};
 use crate::store::records::ModelRecord;
 
@@ -884,20 +884,34 @@ impl Engine {
                     .max();
                 let mut cursor = self.store.filter_cursor(Some(snapshot), until, BlockCheck::Trusted)?;
                 for &(slot, s, e) in pieces {
-                    let layer = &layers[slot].1;
-                    match cursor.for_each_run(&layer.record, s, e, |first, bytes| {
-                        spec.scan(slot, layer, first, bytes, &mut top, &shared)
-                    }) {
-                        Ok(()) => {}
-                        Err(err) if self.layer_deleted(layer.record.layer_id) => {
-                            tracing::debug!(layer = layer.record.layer_id, %err, "layer deleted during a search; skipped");
-                        }
-                        Err(err) => return Err(err.into()),
-                    }
+                    self.scan_part(&mut cursor, spec, slot, &layers[slot].1, (s, e), &mut top, &shared)?;
                 }
                 Ok(top)
             })
             .collect()
+    }
+
+    /// Scans filters `[s, e)` of the selected layer in `slot` through `cursor` into `top`.
+    /// `Ok(false)`: the layer was deleted while the search ran, and is skipped.
+    #[allow(clippy::too_many_arguments)]
+    fn scan_part(
+        &self,
+        cursor: &mut FilterCursor<'_>,
+        spec: &ScanSpec<'_>,
+        slot: usize,
+        layer: &CatalogLayer,
+        (s, e): (u64, u64),
+        top: &mut TopK,
+        shared: &AtomicU64,
+    ) -> Result<bool> {
+        match cursor.for_each_run(&layer.record, s, e, |first, bytes| spec.scan(slot, layer, first, bytes, top, shared)) {
+            Ok(()) => Ok(true),
+            Err(err) if self.layer_deleted(layer.record.layer_id) => {
+                tracing::debug!(layer = layer.record.layer_id, %err, "layer deleted during a search; skipped");
+                Ok(false)
+            }
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// The approximate path: candidates from the index among the selected, indexed layers,
@@ -973,14 +987,8 @@ impl Engine {
             // Through the cursor: an iterator hands out the block in place, where a point read
             // (`get_pinned`) copied the whole 147 KiB block for the 36 bytes wanted.
             let shared = AtomicU64::new(f64::INFINITY.to_bits());
-            match cursor.for_each_run(&layer.record, idx, idx + 1, |first, bytes| {
-                spec.scan(slot, layer, first, bytes, &mut top, &shared)
-            }) {
-                Ok(()) => reranked += 1,
-                Err(err) if self.layer_deleted(layer.record.layer_id) => {
-                    tracing::debug!(layer = layer.record.layer_id, %err, "layer deleted during a search; skipped");
-                }
-                Err(err) => return Err(err.into()),
+            if self.scan_part(&mut cursor, spec, slot, layer, (idx, idx + 1), &mut top, &shared)? {
+                reranked += 1;
             }
         }
         Ok(Approximate::Answered {
