@@ -209,6 +209,7 @@ async fn snapshot_restore_round_trip_is_bit_identical() {
         .collect();
     assert_eq!(names, vec!["snap".to_string()]);
     // Never overwrites.
+    let manifest_before = format!("{:?}", manifest.files);
     let e = snapshots(&server.url)
         .await
         .snapshot(pb::SnapshotRequest {
@@ -229,6 +230,14 @@ async fn snapshot_restore_round_trip_is_bit_identical() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // Neither refusal wrote anything: the snapshot is as it was, and no other folder appeared.
+    assert_eq!(format!("{:?}", filterdb::export::read_manifest(&snap).unwrap().files), manifest_before);
+    let names_after: Vec<String> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(names_after, vec!["snap".to_string()]);
+    assert!(!std::path::Path::new("rel").exists());
 
     let want = answers(&server.url).await;
     server.stop().await;

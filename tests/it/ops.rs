@@ -958,6 +958,9 @@ async fn ops_online_checkpoint_rpc_and_backup_cli() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // Refused before anything was written: no folder, relative to the server or anywhere else.
+    assert!(!Path::new("relative").exists() && !dir.path().join("relative").exists());
+    assert_eq!(std::fs::read_dir(backups.path()).unwrap().count(), 0);
     let r = admin
         .checkpoint(with_token(
             pb::CheckpointRequest {
@@ -969,6 +972,18 @@ async fn ops_online_checkpoint_rpc_and_backup_cli() {
         .expect("checkpoint")
         .into_inner();
     assert!(r.files > 0 && r.bytes > 0, "{r:?}");
+    let listing = |p: &Path| -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.file_name().to_string_lossy().to_string(), e.metadata().unwrap().len())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(&out);
     let e = admin
         .checkpoint(with_token(
             pb::CheckpointRequest {
@@ -979,6 +994,8 @@ async fn ops_online_checkpoint_rpc_and_backup_cli() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists);
+    // The existing checkpoint is left exactly as it was.
+    assert_eq!(listing(&out), before);
 
     // The CLI: `filterdb backup --out DIR` with a token.
     let out2 = backups.path().join("b2");
@@ -1252,6 +1269,9 @@ async fn ops_metrics_count_streams_with_their_final_status() {
         }
     };
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // Nothing of the refused file was stored.
+    let e = fdb.get_model(pb::GetModelRequest { model: Some(by_name("bad")) }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
 
     // A stream read slowly: its latency runs to its end (> 1.2 s), not to its headers.
     let mut s = fdb.clone().get_filters(big_filters_request(None)).await.expect("stream").into_inner();
