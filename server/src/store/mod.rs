@@ -687,7 +687,7 @@ impl Store {
         if let Some((layer, block)) = until {
             ro.set_iterate_upper_bound(block_key(layer, block).to_vec());
         }
-        Ok(FilterCursor { it: self.db.raw_iterator_cf_opt(cf, ro), _snapshot: snapshot })
+        Ok(FilterCursor { it: self.db.raw_iterator_cf_opt(cf, ro), sequential: true, _snapshot: snapshot })
     }
 
     /// Writes a scheduled-ingestion job record (synced: job state must survive a crash).
@@ -743,10 +743,20 @@ pub enum BlockCheck {
 /// A forward cursor over stored filter blocks (see [`Store::filter_cursor`]).
 pub struct FilterCursor<'a> {
     it: rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
+    /// Step past a run's last block (the next read usually starts there); off for point reads.
+    sequential: bool,
     _snapshot: Option<&'a rocksdb::Snapshot<'a>>,
 }
 
 impl FilterCursor<'_> {
+    /// For reads at scattered places (search re-ranking): the cursor stays on the block a run
+    /// ended in instead of stepping to the next entry, which could load a data block nobody
+    /// reads; the next run seeks, unless it starts in that same block.
+    pub fn point_reads(mut self) -> Self {
+        self.sequential = false;
+        self
+    }
+
     /// Calls `f(first, bytes)` for the filters `[start, end)` of a layer, one run per stored
     /// block, in order: `bytes` holds the run's filters (36 bytes each, 9 f32 LE) starting at
     /// index `first` of the layer, borrowed from RocksDB without a copy (the filter-block CF
@@ -785,7 +795,9 @@ impl FilterCursor<'_> {
             let lo = done - block_start;
             f(done, &v[lo as usize * FILTER_BYTES..hi as usize * FILTER_BYTES]);
             done = block_start + hi;
-            self.it.next();
+            if expected < last_block || self.sequential {
+                self.it.next();
+            }
         }
         if done != end {
             return Err(StoreError::Corrupt {
