@@ -282,6 +282,62 @@ impl Quantizer {
         out
     }
 
+    /// What a list walk of cell `c` needs for the queries `qs` (q, and −q when sign invariant),
+    /// and the cell's bound on |f − reconstruction| (its `Approx::eps`).
+    fn cell_query(&self, c: usize, qs: &[[f32; 9]]) -> (CellQuery, f32) {
+        let (cen, s) = (&self.centroids[c], &self.scale[c]);
+        // Distance in code units: Σ w_d (code_d − t_d)², t = 127 (q − c)/s, w = (s/127)².
+        let mut cq = CellQuery { ts: [[0f32; 9]; 2], n: qs.len().min(2), w: std::array::from_fn(|d| (s[d] / 127.0) * (s[d] / 127.0)) };
+        for (t, qv) in cq.ts.iter_mut().zip(qs) {
+            *t = std::array::from_fn(|d| (qv[d] - cen[d]) / s[d] * 127.0);
+        }
+        // Rounding moves each coordinate by at most s/254.
+        (cq, s.iter().map(|v| (v / 254.0) * (v / 254.0)).sum::<f32>().sqrt() * 1.001)
+    }
+
+    /// The values a member of cell `c` whose code for value `d` lies in `[lo, hi]` can hold:
+    /// code = round(127 (f − c)/s) in f32 arithmetic puts f within s (0.5 + δ)/127 of the
+    /// code's reconstruction (δ covers the three f32 roundings with a wide margin), and a code
+    /// clamped at ±127 leaves that side open.
+    fn interval(&self, c: usize, d: usize, lo: i8, hi: i8) -> (f64, f64) {
+        const DELTA: f64 = 0.01;
+        let (cen, s) = (f64::from(self.centroids[c][d]), f64::from(self.scale[c][d]));
+        let a = if lo <= -127 { f64::NEG_INFINITY } else { cen + s * (f64::from(lo) - 0.5 - DELTA) / 127.0 };
+        let b = if hi == 127 { f64::INFINITY } else { cen + s * (f64::from(hi) + 0.5 + DELTA) / 127.0 };
+        (a, b)
+    }
+
+    /// An upper bound of |f − centroid| over the members of cell `c` with these codes, clamped
+    /// ones left out: the largest reconstruction's distance plus the rounding bound of
+    /// [`Quantizer::interval`], in f64, rounded up to f32.
+    fn radius(&self, c: usize, codes: &[[i8; 9]]) -> f32 {
+        let s = &self.scale[c];
+        let mut most = 0f64;
+        for code in codes {
+            if code.iter().any(|v| v.unsigned_abs() >= 127) {
+                continue;
+            }
+            let n2: f64 = (0..9).map(|d| (f64::from(code[d]) * f64::from(s[d]) / 127.0).powi(2)).sum();
+            most = most.max(n2);
+        }
+        let round: f64 = (0..9).map(|d| (f64::from(s[d]) * 0.51 / 127.0).powi(2)).sum();
+        f32_up((most.sqrt() + round.sqrt()) * (1.0 + 1e-9))
+    }
+
+    /// A lower bound of the squared distance from `q` to any point of cell `c` whose codes
+    /// lie in `[lo, hi]` per value (exact arithmetic would give the box distance; the f64
+    /// result is shrunk by far more than its rounding).
+    fn box_lower_bound(&self, c: usize, lo: &[i8; 9], hi: &[i8; 9], q: &[f32; 9]) -> f64 {
+        let mut sum = 0f64;
+        for d in 0..9 {
+            let (a, b) = self.interval(c, d, lo[d], hi[d]);
+            let x = f64::from(q[d]);
+            let gap = (a - x).max(x - b).max(0.0);
+            sum += gap * gap;
+        }
+        sum * (1.0 - 1e-9)
+    }
+
     /// Binary form: magic, version, nlist, k1, trained_on, the k1 + 1 offsets (u32), then
     /// coarse, centroids, scales as f32 LE.
     pub fn encode(&self) -> Vec<u8> {
@@ -488,6 +544,12 @@ struct List {
     codes: Vec<i8>,
     /// The codes of the last, partial group, as they came (transposed when the group fills).
     tail: Vec<[i8; 9]>,
+    /// Per group: bit j set when entry j's code is clamped (a value at ±127).
+    clamped: Vec<u64>,
+    /// Smallest and largest code per value over the unclamped entries pushed (the cell's box;
+    /// `lo > hi` while there is none).
+    lo: [i8; 9],
+    hi: [i8; 9],
     last: Option<u64>,
 }
 
@@ -506,6 +568,17 @@ impl List {
         let i = self.deltas.len();
         if i.is_multiple_of(SKIP) {
             self.skips.push((id, self.escapes.len() as u32));
+            self.clamped.push(0);
+        }
+        if i == 0 {
+            (self.lo, self.hi) = ([127; 9], [-127; 9]);
+        }
+        if code.iter().any(|v| v.unsigned_abs() >= 127) {
+            if let Some(m) = self.clamped.last_mut() {
+                *m |= 1 << (i % SKIP);
+            }
+        } else {
+            widen(&mut self.lo, &mut self.hi, &code);
         }
         let delta = match self.last {
             Some(l) if id > l && id - l <= u64::from(u16::MAX) => (id - l) as u16,
@@ -535,6 +608,12 @@ impl List {
             + self.skips.capacity() * 16
             + self.codes.capacity()
             + self.tail.capacity() * 9
+            + self.clamped.capacity() * 8
+    }
+
+    /// Which entries of group `g` have a clamped code (bit j: entry g · SKIP + j).
+    fn clamped_in(&self, g: usize) -> u64 {
+        self.clamped.get(g).copied().unwrap_or(0)
     }
 
     /// Full (transposed) groups.
@@ -627,8 +706,8 @@ impl List {
 
     /// Pass 2: calls `f(id, entry, distance, worst)` for the entries of group `g` whose id lies
     /// in one of `ranges` and whose distance (`dist`, from pass 1) is at most `*worst` (which
-    /// `f` may lower).
-    fn visit(&self, g: usize, dist: &[f32; SKIP], ranges: &[(u64, u64)], worst: &mut f32, mut f: impl FnMut(u64, usize, f32, &mut f32)) {
+    /// `f` may lower), or whose bit is set in `always` (bit j: entry j of the group).
+    fn visit(&self, g: usize, dist: &[f32; SKIP], ranges: &[(u64, u64)], always: u64, worst: &mut f32, mut f: impl FnMut(u64, usize, f32, &mut f32)) {
         let mut ids = [0u64; SKIP];
         let len = self.group_ids(g, &mut ids);
         let mut r = ranges.partition_point(|x| x.1 <= ids[0]);
@@ -639,7 +718,7 @@ impl List {
             if r == ranges.len() {
                 return;
             }
-            if *id >= ranges[r].0 && dist[j] <= *worst {
+            if *id >= ranges[r].0 && (dist[j] <= *worst || always >> j & 1 == 1) {
                 f(*id, g * SKIP + j, dist[j], worst);
             }
         }
@@ -720,6 +799,15 @@ impl Kernel {
         }
     }
 
+    fn box_distances(self, bt: &[f32], q: &[f32; 9], out: &mut [f32]) {
+        match self {
+            Kernel::Portable => box_distances(bt, q, out),
+            // SAFETY: as in `group`.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { box_distances_avx2(bt, q, out) },
+        }
+    }
+
     fn centroid_distances(self, ct: &[f32], q: &[f32; 9], out: &mut [f32]) {
         match self {
             Kernel::Portable => centroid_distances(ct, q, out),
@@ -743,6 +831,65 @@ fn centroid_distances(ct: &[f32], q: &[f32; 9], out: &mut [f32]) {
             *o += t * t;
         }
     }
+}
+
+/// Lower bounds of the squared distance from q to every cell's box (`bt`: `Index::boxes_t`):
+/// Σ_d gap_d², gap_d = max(lo_d − q_d, q_d − hi_d, 0), in f32, then shrunk by 10⁻⁵ relative
+/// (the f32 sum is within 12·2⁻²⁴ of the exact one) and 10⁻³⁷ absolute (underflow); +∞ for an
+/// empty cell.
+#[inline(always)]
+fn box_distances(bt: &[f32], q: &[f32; 9], out: &mut [f32]) {
+    let n = out.len();
+    out.fill(0.0);
+    let (lo, hi) = bt.split_at(9 * n);
+    for (d, (l, h)) in lo.chunks_exact(n).zip(hi.chunks_exact(n)).enumerate().take(9) {
+        let qd = q[d];
+        for ((o, a), b) in out.iter_mut().zip(l).zip(h) {
+            let g = (a - qd).max(qd - b).max(0.0);
+            *o += g * g;
+        }
+    }
+    for o in out.iter_mut() {
+        *o = (*o * (1.0 - 1e-5) - 1e-37).max(0.0);
+    }
+}
+
+/// [`box_distances`] for one box (`ends`: 9 low ends, then 9 high ends), with the same margins.
+#[inline(always)]
+fn box_distance(ends: &[f32; 18], q: &[f32; 9]) -> f32 {
+    let mut o = 0f32;
+    for d in 0..9 {
+        let g = (ends[d] - q[d]).max(q[d] - ends[9 + d]).max(0.0);
+        o += g * g;
+    }
+    (o * (1.0 - 1e-5) - 1e-37).max(0.0)
+}
+
+/// [`box_distances`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn box_distances_avx2(bt: &[f32], q: &[f32; 9], out: &mut [f32]) {
+    box_distances(bt, q, out)
+}
+
+/// Widens the box `[lo, hi]` (per value) to hold `code`.
+fn widen(lo: &mut [i8; 9], hi: &mut [i8; 9], code: &[i8; 9]) {
+    for ((l, h), v) in lo.iter_mut().zip(hi.iter_mut()).zip(code) {
+        *l = (*l).min(*v);
+        *h = (*h).max(*v);
+    }
+}
+
+/// The largest f32 at most `x` (−∞ stays).
+fn f32_down(x: f64) -> f32 {
+    let y = x as f32;
+    if f64::from(y) > x { y.next_down() } else { y }
+}
+
+/// The smallest f32 at least `x` (+∞ stays).
+fn f32_up(x: f64) -> f32 {
+    let y = x as f32;
+    if f64::from(y) < x { y.next_up() } else { y }
 }
 
 /// [`centroid_distances`] compiled for AVX2.
@@ -814,6 +961,17 @@ pub struct Index {
     pub quantizer: Quantizer,
     /// The cell centroids transposed: value d of centroid i at `d · nlist + i`.
     centroids_t: Vec<f32>,
+    /// Each cell's box (see [`Quantizer::interval`]), transposed: the low end of value d of
+    /// cell i at `d · nlist + i` (rounded down to f32), the high end at `(9 + d) · nlist + i`
+    /// (rounded up); an empty cell's box is empty (+∞ low, −∞ high).
+    boxes_t: Vec<f32>,
+    /// Per cell: an upper bound of |f − centroid| over its unclamped members (0 while none).
+    radius: Vec<f32>,
+    /// Boxes of the clamped members: per cell, one per (first clamped value, sign), so that
+    /// the open side of each box is shared by all its members: (cell, 9 low ends, then 9 high
+    /// ends, rounded outwards to f32 as in `boxes_t`).
+    clamped_boxes: Vec<(u32, [f32; 18])>,
+    clamped_box_of: std::collections::HashMap<(u32, u8), u32>,
     lists: Vec<List>,
     /// Models whose entries are in the lists (deleted ones included until a rebuild).
     models: std::collections::HashSet<u64>,
@@ -836,9 +994,14 @@ impl Index {
     pub fn new(quantizer: Quantizer) -> Index {
         let n = quantizer.nlist();
         let centroids_t = (0..9).flat_map(|d| quantizer.centroids.iter().map(move |c| c[d])).collect();
+        let boxes_t = (0..18).flat_map(|h| std::iter::repeat_n(if h < 9 { f32::INFINITY } else { f32::NEG_INFINITY }, n)).collect();
         Index {
             quantizer,
             centroids_t,
+            boxes_t,
+            radius: vec![0.0; n],
+            clamped_boxes: Vec::new(),
+            clamped_box_of: Default::default(),
             lists: vec![List::default(); n],
             models: Default::default(),
             entries: 0,
@@ -869,6 +1032,33 @@ impl Index {
             for (id, code) in ids.iter().zip(codes) {
                 list.push(*id, *code);
             }
+            let (cell, c, nlist) = (*c, *c as usize, self.lists.len());
+            let r = self.quantizer.radius(c, codes);
+            self.radius[c] = self.radius[c].max(r);
+            let (lo, hi) = (self.lists[c].lo, self.lists[c].hi);
+            if lo[0] <= hi[0] {
+                for d in 0..9 {
+                    let (a, b) = self.quantizer.interval(c, d, lo[d], hi[d]);
+                    self.boxes_t[d * nlist + c] = f32_down(a);
+                    self.boxes_t[(9 + d) * nlist + c] = f32_up(b);
+                }
+            }
+            for code in codes {
+                let Some(d) = code.iter().position(|v| v.unsigned_abs() >= 127) else { continue };
+                let key = (cell, d as u8 * 2 + u8::from(code[d] > 0));
+                let at = *self.clamped_box_of.entry(key).or_insert_with(|| {
+                    let mut empty = [f32::INFINITY; 18];
+                    empty[9..].fill(f32::NEG_INFINITY);
+                    self.clamped_boxes.push((cell, empty));
+                    (self.clamped_boxes.len() - 1) as u32
+                });
+                let ends = &mut self.clamped_boxes[at as usize].1;
+                for d in 0..9 {
+                    let (lo, hi) = self.quantizer.interval(c, d, code[d], code[d]);
+                    ends[d] = ends[d].min(f32_down(lo));
+                    ends[9 + d] = ends[9 + d].max(f32_up(hi));
+                }
+            }
         }
         self.entries += s.len() as u64;
         self.models.insert(s.model_id);
@@ -884,7 +1074,10 @@ impl Index {
             l.skips.shrink_to_fit();
             l.codes.shrink_to_fit();
             l.tail.shrink_to_fit();
+            l.clamped.shrink_to_fit();
         }
+        self.clamped_boxes.shrink_to_fit();
+        self.clamped_box_of.shrink_to_fit();
     }
 
     /// Marks a model's entries dead (they stay in the lists, never selected, until a rebuild).
@@ -922,8 +1115,10 @@ impl Index {
 
     /// Heap bytes held by the lists and the quantizer.
     pub fn bytes(&self) -> u64 {
-        let q = (self.quantizer.coarse.len() + 2 * self.quantizer.centroids.len()) * 36 + self.centroids_t.capacity() * 4;
-        (self.lists.iter().map(List::bytes).sum::<usize>() + q + self.lists.len() * std::mem::size_of::<List>()) as u64
+        let q = (self.quantizer.coarse.len() + 2 * self.quantizer.centroids.len()) * 36 + (self.centroids_t.capacity() + self.boxes_t.capacity() + self.radius.capacity()) * 4;
+        // The boxes of clamped codes, and their map entries (key, index, control byte).
+        let clamped = self.clamped_boxes.capacity() * std::mem::size_of::<(u32, [f32; 18])>() + self.clamped_box_of.capacity() * 13;
+        (self.lists.iter().map(List::bytes).sum::<usize>() + q + clamped + self.lists.len() * std::mem::size_of::<List>()) as u64
     }
 
     /// The `nprobe` cells nearest to each query (union, ascending); ties by lower cell.
@@ -975,14 +1170,8 @@ impl Index {
             let (mut dists, mut groups, mut eps) = (Vec::new(), Vec::new(), Vec::with_capacity(cells.len()));
             let mut codes = 0u64;
             for (slot, &c) in cells.iter().enumerate() {
-                let (cen, s) = (&q.centroids[c], &q.scale[c]);
-                // Distance in code units: Σ w_d (code_d − t_d)², t = 127 (q − c)/s, w = (s/127)².
-                let mut cq = CellQuery { ts: [[0f32; 9]; 2], n: qs.len().min(2), w: std::array::from_fn(|d| (s[d] / 127.0) * (s[d] / 127.0)) };
-                for (t, qv) in cq.ts.iter_mut().zip(qs) {
-                    *t = std::array::from_fn(|d| (qv[d] - cen[d]) / s[d] * 127.0);
-                }
-                // Rounding moves each coordinate by at most s/254.
-                eps.push(s.iter().map(|v| (v / 254.0) * (v / 254.0)).sum::<f32>().sqrt() * 1.001);
+                let (cq, e) = q.cell_query(c, qs);
+                eps.push(e);
                 codes += self.lists[c].distances_in(ranges, &cq, kernel, slot as u32, &mut dists, &mut groups);
             }
             groups.sort_unstable_by(|a, b| a.min.total_cmp(&b.min));
@@ -994,9 +1183,10 @@ impl Index {
                 }
                 let list = &self.lists[cells[gr.slot as usize]];
                 let eps = eps[gr.slot as usize];
-                list.visit(gr.group as usize, &dists[gr.dists as usize], ranges, &mut worst, |id, i, d, worst| {
-                    let clamped = list.code(i).iter().any(|v| *v == 127 || *v == -127);
-                    offer(&mut heap, m, Approx { d, id, eps: if clamped { f32::INFINITY } else { eps } });
+                let clamped = list.clamped_in(gr.group as usize);
+                list.visit(gr.group as usize, &dists[gr.dists as usize], ranges, 0, &mut worst, |id, i, d, worst| {
+                    let eps = if clamped >> (i % SKIP) & 1 == 1 { f32::INFINITY } else { eps };
+                    offer(&mut heap, m, Approx { d, id, eps });
                     if heap.len() >= m {
                         *worst = heap.peek().map_or(f32::INFINITY, |w| w.d);
                     }
@@ -1023,6 +1213,142 @@ impl Index {
         v.sort_unstable();
         (v, ProbeStats { cells: cells.len(), codes })
     }
+
+    /// The exact search through the index: finds every entry of `ranges` that can be among the
+    /// nearest to q (or −q when `qs` has two) and hands it to `rerank`, which computes its exact
+    /// distance into the caller's top k and returns the k-th distance held so far (+∞ until k
+    /// are held). Cells are opened in order of the lower bound of their box, entries re-ranked
+    /// in order of their own lower bound (from the code distance and the cell's rounding bound,
+    /// or from the code's box when clamped), whichever is smaller; the walk ends when no
+    /// unopened cell and no waiting entry has a bound at or below the k-th distance. Every
+    /// entry it does not re-rank is then provably farther than the k-th, so the caller's top
+    /// k equals that of reading every entry — ties included, since an entry whose bound equals
+    /// the k-th distance is still read.
+    ///
+    /// `Ok(None)`: the budget ran out first (the caller falls back to a scan).
+    pub fn exact_walk<E>(
+        &self,
+        qs: &[[f32; 9]],
+        ranges: &[(u64, u64)],
+        budget: WalkBudget,
+        mut rerank: impl FnMut(u64) -> Result<f64, E>,
+    ) -> Result<Option<WalkStats>, E> {
+        use std::cmp::Reverse;
+        let kernel = Kernel::detect();
+        let q = &self.quantizer;
+        let nlist = q.nlist();
+        // A cell's bound: for its unclamped members the larger of their box's and their ball's
+        // (|q − c| − radius)², for its clamped members the smallest of their boxes', each the
+        // smaller over q and −q. The ball's: the f32 centroid distance is within 12·2⁻²⁴ of
+        // the exact one, so 10⁻⁵ less is below it.
+        let (mut bounds, mut boxed, mut ball) = (vec![f32::INFINITY; nlist], vec![0f32; nlist], vec![0f32; nlist]);
+        let mut near = vec![f32::INFINITY; nlist];
+        for qv in qs {
+            kernel.box_distances(&self.boxes_t, qv, &mut boxed);
+            kernel.centroid_distances(&self.centroids_t, qv, &mut ball);
+            for ((((b, x), y), r), n) in bounds.iter_mut().zip(&boxed).zip(&ball).zip(&self.radius).zip(near.iter_mut()) {
+                *n = n.min(*y);
+                let gap = (f64::from(*y) * (1.0 - 1e-5)).sqrt() - f64::from(*r);
+                let by_ball = if gap > 0.0 { f32_down(gap * gap * (1.0 - 1e-9)) } else { 0.0 };
+                *b = b.min(x.max(by_ball));
+            }
+            for (c, ends) in &self.clamped_boxes {
+                let b = &mut bounds[*c as usize];
+                *b = b.min(box_distance(ends, qv));
+            }
+        }
+        // Non-negative floats order as their bits do. Among cells of equal bound (many hold q
+        // in their box) the one with the nearer centroid opens first.
+        let mut cells: BinaryHeap<Reverse<(u32, u32, u32)>> = bounds
+            .iter()
+            .zip(&near)
+            .enumerate()
+            .filter(|(c, _)| self.lists[*c].len() > 0)
+            .map(|(c, (b, n))| Reverse((b.to_bits(), n.to_bits(), c as u32)))
+            .collect();
+        let mut waiting: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
+        let mut kth = f64::INFINITY;
+        let mut stats = WalkStats::default();
+        let (mut dists, mut groups) = (Vec::new(), Vec::new());
+        loop {
+            let next_cell = cells.peek().map_or(f64::INFINITY, |Reverse((b, ..))| f64::from(f32::from_bits(*b)));
+            // Entries in bound order; before k are held, the best waiting ones regardless of
+            // the cells still closed (out of order, but a finite k-th early keeps the walk
+            // from queueing whole cells).
+            while let Some(&Reverse((b, id))) = waiting.peek() {
+                let lb = f64::from_bits(b);
+                if (lb > next_cell && kth.is_finite()) || lb > kth {
+                    break;
+                }
+                waiting.pop();
+                if stats.reranked >= budget.reranks {
+                    return Ok(None);
+                }
+                stats.reranked += 1;
+                kth = rerank(id)?;
+            }
+            let next_entry = waiting.peek().map_or(f64::INFINITY, |Reverse((b, _))| f64::from_bits(*b));
+            if next_cell.min(next_entry) > kth {
+                break;
+            }
+            let Some(Reverse((_, _, c))) = cells.pop() else { break };
+            let (c, list) = (c as usize, &self.lists[c as usize]);
+            let (cq, eps) = q.cell_query(c, qs);
+            dists.clear();
+            groups.clear();
+            stats.cells += 1;
+            stats.codes += list.distances_in(ranges, &cq, kernel, 0, &mut dists, &mut groups);
+            if stats.codes > budget.codes {
+                return Ok(None);
+            }
+            // An unclamped entry's bound (√d·(1 − 10⁻⁴) − 1.0001·eps)² is at most the k-th
+            // distance only when d is at most this.
+            let dmax = if kth.is_finite() {
+                f32_up(((kth.sqrt() + f64::from(eps) * 1.0001) / (1.0 - 1e-4)).powi(2) * (1.0 + 1e-9))
+            } else {
+                f32::INFINITY
+            };
+            for gr in &groups {
+                let clamped = list.clamped_in(gr.group as usize);
+                if gr.min > dmax && clamped == 0 {
+                    continue;
+                }
+                let mut worst = dmax;
+                list.visit(gr.group as usize, &dists[gr.dists as usize], ranges, clamped, &mut worst, |id, i, d, _| {
+                    let lb = if clamped >> (i % SKIP) & 1 == 1 {
+                        let code = list.code(i);
+                        qs.iter().map(|qv| q.box_lower_bound(c, &code, &code, qv)).fold(f64::INFINITY, f64::min)
+                    } else {
+                        Approx { d, id, eps }.lower_bound()
+                    };
+                    if lb <= kth {
+                        waiting.push(Reverse((lb.to_bits(), id)));
+                    }
+                });
+            }
+        }
+        Ok(Some(stats))
+    }
+}
+
+/// Limits of [`Index::exact_walk`], past which a scan is cheaper.
+#[derive(Debug, Clone, Copy)]
+pub struct WalkBudget {
+    /// Entries re-ranked (each is a read of the stored filter).
+    pub reranks: u64,
+    /// Codes compared.
+    pub codes: u64,
+}
+
+/// What [`Index::exact_walk`] did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WalkStats {
+    /// Cells opened.
+    pub cells: usize,
+    /// Codes compared.
+    pub codes: u64,
+    /// Entries re-ranked.
+    pub reranked: u64,
 }
 
 #[cfg(test)]
@@ -1058,7 +1384,7 @@ mod tests {
             let mut got = Vec::new();
             for gr in &groups {
                 assert_eq!(gr.min, dists[gr.dists as usize].iter().fold(f32::INFINITY, |m, v| m.min(*v)));
-                l.visit(gr.group as usize, &dists[gr.dists as usize], ranges, &mut worst, |id, i, d, _| {
+                l.visit(gr.group as usize, &dists[gr.dists as usize], ranges, 0, &mut worst, |id, i, d, _| {
                     let code = l.code(i);
                     assert_eq!(code[0], id as i8);
                     assert_eq!(d, 9.0 * f32::from(code[0]) * f32::from(code[0]));
@@ -1119,6 +1445,66 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The exact walk against brute force: the same k nearest (ties by lower id) over random
+    /// queries, selections, q and −q, with duplicated points (ties) and points far outside the
+    /// training sample (clamped codes); and far fewer stored filters read than a scan reads.
+    #[test]
+    fn the_exact_walk_equals_brute_force_ties_and_clamped_codes_included() {
+        let mut pts = clustered(30_000, 11);
+        let q = Quantizer::train(1, &pts[..20_000], 20_000);
+        // Exact duplicates at other ids (ties), and outliers beyond every cell's trained range.
+        for i in 0..2_000 {
+            pts.push(pts[i * 7]);
+        }
+        let mut r = XorShift(5);
+        for _ in 0..500 {
+            pts.push(std::array::from_fn(|_| ((r.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 40.0));
+        }
+        let flat: Vec<f32> = pts.iter().flatten().copied().collect();
+        let mut idx = Index::new(q.clone());
+        idx.add(&Segment::build(&q, 0, &[(0, &flat[..15_000 * 9]), (15_000, &flat[15_000 * 9..])])).unwrap();
+        let clamped: u32 = idx.lists.iter().map(|l| l.clamped.iter().map(|m| m.count_ones()).sum::<u32>()).sum();
+        assert!(clamped >= 400, "only {clamped} clamped codes: the test would not cover them");
+        // The exact scan's distance: f64, summed in order.
+        let dist = |f: &[f32; 9], qv: &[f32; 9]| (0..9).fold(0f64, |a, d| a + (f64::from(f[d]) - f64::from(qv[d])).powi(2));
+        let n = pts.len() as u64;
+        let selections: [&[(u64, u64)]; 3] = [&[(0, n)], &[(100, 5_000), (12_000, 12_010), (29_000, n)], &[(3, 4), (31_000, 31_500)]];
+        let mut read_total = 0u64;
+        for t in 0..60 {
+            let query: [f32; 9] = if t % 5 == 0 { pts[t * 131] } else { std::array::from_fn(|_| ((r.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0) };
+            let qs: Vec<[f32; 9]> = if t % 3 == 0 { vec![query, query.map(|v| -v)] } else { vec![query] };
+            let d_of = |id: u64| qs.iter().map(|qv| dist(&pts[id as usize], qv)).fold(f64::INFINITY, f64::min);
+            for (si, ranges) in selections.iter().enumerate() {
+                for k in [1usize, 10, 100] {
+                    let mut want: Vec<(f64, u64)> = ranges.iter().flat_map(|r| r.0..r.1).map(|id| (d_of(id), id)).collect();
+                    want.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                    want.truncate(k);
+                    let mut top: Vec<(f64, u64)> = Vec::new();
+                    let mut read = std::collections::HashSet::new();
+                    let stats = idx
+                        .exact_walk(&qs, ranges, WalkBudget { reranks: u64::MAX, codes: u64::MAX }, |id| -> Result<f64, ()> {
+                            assert!(ranges.iter().any(|r| (r.0..r.1).contains(&id)), "id {id} outside the selection");
+                            assert!(read.insert(id), "id {id} re-ranked twice");
+                            top.push((d_of(id), id));
+                            top.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                            top.truncate(k);
+                            Ok(if top.len() == k { top[k - 1].0 } else { f64::INFINITY })
+                        })
+                        .unwrap()
+                        .unwrap();
+                    assert_eq!(top, want, "query {t}, selection {si}, k {k}");
+                    assert_eq!(stats.reranked, read.len() as u64);
+                    read_total += stats.reranked;
+                }
+            }
+        }
+        // A scan reads every selected filter: 60 queries × (32,500 + 6,430 + 501) × 3 values of k.
+        assert!(read_total < 60 * 39_431 * 3 / 20, "the walk read {read_total} filters");
+        // A budget that runs out says so.
+        let none = idx.exact_walk(&[pts[0]], &[(0, n)], WalkBudget { reranks: 3, codes: u64::MAX }, |_| -> Result<f64, ()> { Ok(f64::INFINITY) }).unwrap();
+        assert!(none.is_none());
     }
 
     #[test]

@@ -80,6 +80,8 @@ pub struct SearchIndexState {
     building: AtomicBool,
     signal: Arc<Signal>,
     auto: AtomicBool,
+    /// Exact queries over more filters than this go through the index (see `search.rs`).
+    pub(crate) exact_walk_above: std::sync::atomic::AtomicU64,
     stopping: AtomicBool,
     /// Resolved selections (see `search.rs`), keyed by the selection's text.
     pub(crate) plans: Mutex<std::collections::HashMap<String, Arc<crate::search::SelectionPlan>>>,
@@ -98,6 +100,7 @@ impl SearchIndexState {
     pub fn load(store: &crate::store::Store) -> SearchIndexState {
         let s = SearchIndexState::default();
         s.auto.store(true, Ordering::Relaxed);
+        s.exact_walk_above.store(crate::search::DEFAULT_EXACT_WALK_ABOVE, Ordering::Relaxed);
         match load_index(store) {
             Ok(ix) => *s.index.write().unwrap_or_else(|p| p.into_inner()) = ix,
             Err(e) => tracing::error!(error = %e, "search index does not load; it will be rebuilt"),
@@ -191,6 +194,12 @@ impl Engine {
     /// Turns automatic builds on or off (benchmarks and tests that build explicitly).
     pub fn set_search_index_auto(&self, on: bool) {
         self.search_index.auto.store(on, Ordering::Relaxed);
+    }
+
+    /// Exact queries over more than `n` selected filters go through the index's bounds; smaller
+    /// ones are scanned (default [`crate::search::DEFAULT_EXACT_WALK_ABOVE`]; tests lower it).
+    pub fn set_exact_walk_above(&self, n: u64) {
+        self.search_index.exact_walk_above.store(n, Ordering::Relaxed);
     }
 
     /// Why a build is due now, if it is.

@@ -37,7 +37,13 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(dir: &Path) -> TestServer {
+        Self::start_with(dir, |_| {}).await
+    }
+
+    /// [`TestServer::start`] with the engine adjusted by `setup` before it serves.
+    pub async fn start_with(dir: &Path, setup: impl FnOnce(&Engine)) -> TestServer {
         let engine = Arc::new(Engine::open(dir).expect("open engine"));
+        setup(&engine);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let (tx, rx) = tokio::sync::oneshot::channel();

@@ -102,9 +102,13 @@ pub struct NearestArgs {
     /// With --filter-id: leave the query filter out of the answer.
     #[arg(long)]
     pub exclude_self: bool,
-    /// Require the exact mode (a full scan; recall 1.0). This is the default.
+    /// Require the exact mode (recall 1.0). This is the default.
     #[arg(long, conflicts_with = "approx")]
     pub exact: bool,
+    /// Exact mode: read every selected filter, without the search index's bounds (the same
+    /// answer; for verification and timing).
+    #[arg(long, conflicts_with = "approx")]
+    pub scan: bool,
     /// Use the approximate index (raw space): exact distances, recall below 1.0.
     #[arg(long)]
     pub approx: bool,
@@ -182,6 +186,7 @@ pub fn request(a: &NearestArgs) -> Result<NearestRequest, ClientError> {
         } as i32,
         nprobe: a.nprobe.unwrap_or(0),
         rerank: a.rerank.unwrap_or(0),
+        exact_scan: a.scan,
     })
 }
 

@@ -125,6 +125,7 @@ impl SearchService {
             nprobe: r.nprobe as usize,
             rerank: r.rerank as usize,
             exact_below: DEFAULT_EXACT_BELOW,
+            exact_scan: r.exact_scan,
         })
     }
 
