@@ -208,6 +208,17 @@ async fn search_exact_through_the_index_equals_the_scan_and_brute_force() {
         }
     };
     check(&mut s, &store, "first").await;
+    // The CLI: the default exact mode goes through the index, --scan reads everything; same ids.
+    let k = store.rows[9].1.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(binary("filterdb")).arg("--server").arg(&server.url).args(args).output().expect("run filterdb");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
+    };
+    let (walk, scan) = (cli(&["--json", "nearest", "--kernel", &k]), cli(&["--json", "nearest", "--kernel", &k, "--scan"]));
+    assert!(walk["mode_reason"].as_str().unwrap_or("").contains("through the search index"), "{walk}");
+    assert!(scan["mode_reason"].as_str().unwrap_or("").contains("requested"), "{scan}");
+    assert_eq!(walk["neighbors"], scan["neighbors"]);
     // A delete and an ingest after the build: the index follows, and the answers too.
     c.delete_model(pb::DeleteModelRequest { model: Some(by_name("alpha")) }).await.unwrap();
     store.remove("alpha");
