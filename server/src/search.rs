@@ -193,8 +193,8 @@ impl SelectionPlan {
     }
 }
 
-/// The approximate path's outcome.
-enum Approximate {
+/// An answer through the index (approximate, or exact through its bounds), or why the scan answers instead.
+enum IndexAnswer {
     Answered { plan: Plan, candidates: Vec<Candidate>, unindexed: Vec<usize> },
     Declined(String),
 }
@@ -818,12 +818,12 @@ impl Engine {
             self.exact_by_index(q, &metric, &sel_plan, selected, &query_kernel, &spec, &snapshot)?
         };
         match through_index {
-            Approximate::Answered { plan: p, candidates: c, unindexed } => {
+            IndexAnswer::Answered { plan: p, candidates: c, unindexed } => {
                 plan = p;
                 candidates = c;
                 exact_slots = Some(unindexed);
             }
-            Approximate::Declined(reason) => plan.reason = reason,
+            IndexAnswer::Declined(reason) => plan.reason = reason,
         }
         let exact_slots = exact_slots.unwrap_or_else(|| (0..layers.len()).collect());
         let parts = self.scan_exact(layers, &exact_slots, &spec, q.k, &snapshot)?;
@@ -952,21 +952,21 @@ impl Engine {
         query_kernel: &[f32; 9],
         spec: &ScanSpec<'_>,
         snapshot: &rocksdb::Snapshot<'_>,
-    ) -> Result<Approximate> {
+    ) -> Result<IndexAnswer> {
         if !matches!(metric, Metric::Raw) {
-            return Ok(Approximate::Declined(
+            return Ok(IndexAnswer::Declined(
                 "the approximate index covers the raw space; other spaces are answered by the exact scan".into(),
             ));
         }
         if selected <= q.exact_below {
-            return Ok(Approximate::Declined(format!(
+            return Ok(IndexAnswer::Declined(format!(
                 "the selection holds {selected} filters (at most {}): scanned exactly",
                 q.exact_below
             )));
         }
         let guard = self.search_index.index.read().unwrap_or_else(|p| p.into_inner());
         let Some(ix) = guard.as_ref() else {
-            return Ok(Approximate::Declined("no search index is built yet (see `filterdb search-index`)".into()));
+            return Ok(IndexAnswer::Declined("no search index is built yet (see `filterdb search-index`)".into()));
         };
         let layers = &plan.layers[..];
         let ann = plan.ann_plan(ix);
@@ -1010,7 +1010,7 @@ impl Engine {
                 reranked += 1;
             }
         }
-        Ok(Approximate::Answered {
+        Ok(IndexAnswer::Answered {
             plan: Plan {
                 mode: Mode::Approximate,
                 reason: format!(
@@ -1043,8 +1043,8 @@ impl Engine {
         query_kernel: &[f32; 9],
         spec: &ScanSpec<'_>,
         snapshot: &rocksdb::Snapshot<'_>,
-    ) -> Result<Approximate> {
-        let scan = |why: String| Ok(Approximate::Declined(format!("exact scan of every selected filter: {why}")));
+    ) -> Result<IndexAnswer> {
+        let scan = |why: String| Ok(IndexAnswer::Declined(format!("exact scan of every selected filter: {why}")));
         if q.exact_scan {
             return scan("requested".into());
         }
@@ -1086,7 +1086,7 @@ impl Engine {
         let (version, nlist) = (ix.quantizer.version, ix.quantizer.nlist());
         drop(guard);
         Ok(match walked {
-            Ok(Some(st)) => Approximate::Answered {
+            Ok(Some(st)) => IndexAnswer::Answered {
                 plan: Plan {
                     mode: Mode::Exact,
                     reason: format!(
@@ -1101,13 +1101,13 @@ impl Engine {
                 candidates: top.heap.into_vec(),
                 unindexed: ann.unindexed.to_vec(),
             },
-            Ok(None) => Approximate::Declined(format!(
-                "exact scan of every selected filter: the search index's bounds did not narrow this query within {} reads",
-                budget.reranks
+            Ok(None) => IndexAnswer::Declined(format!(
+                "exact scan of every selected filter: the search index's bounds did not narrow this query within {} reads and {} codes",
+                budget.reranks, budget.codes
             )),
             Err(e) => {
                 tracing::debug!(error = %e, "a read of the exact walk failed; scanning instead");
-                Approximate::Declined(format!("exact scan of every selected filter: a read through the search index failed ({e})"))
+                IndexAnswer::Declined(format!("exact scan of every selected filter: a read through the search index failed ({e})"))
             }
         })
     }
