@@ -33,6 +33,13 @@
 //! intersected with the selection, until the nearest code of the next group is beyond the
 //! `k · rerank`-th best kept (pass 2); the kept candidates' exact distances (the exact mode's
 //! formula, bit for bit) decide the answer.
+//!
+//! The exact mode uses the same lists with bounds instead of a probe count
+//! ([`Index::exact_walk`]): per cell, the box and radius of its unclamped codes and a box per
+//! clamped direction (kept in memory, derived from the codes as segments are added) bound the
+//! distance to any member, each code bounds its own filter's distance, and stored filters are
+//! read in bound order until no bound reaches the k-th exact distance — the scan's answer,
+//! reading a few dozen filters.
 
 use std::collections::BinaryHeap;
 
