@@ -345,9 +345,15 @@ async fn search_approximate_recall_exact_distances_selection_and_maintenance() {
     let r = s.nearest(req).await.unwrap().into_inner();
     assert_eq!(r.mode, pb::SearchMode::Exact as i32);
     assert!(r.mode_reason.contains("raw space"), "{}", r.mode_reason);
-    // nprobe without the approximate mode is a mistake the caller should hear about.
+    // nprobe without the approximate mode is a mistake the caller should hear about, and so
+    // is exact_scan with it.
     let err = s.nearest(request(&qs[0], pb::SearchMode::Exact, 4, 0, None)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let mut req = request(&qs[0], pb::SearchMode::Approximate, 0, 0, None);
+    req.exact_scan = true;
+    let err = s.nearest(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("exact_scan"), "{}", err.message());
 
     // Ingest after the build: the new model's entries are written with it and found.
     let (rg, fg) = ingest_model(&mut c, "gamma", "Detection", 3).await;

@@ -104,6 +104,11 @@ impl SearchService {
                 "nprobe and rerank: only meaningful with SEARCH_MODE_APPROXIMATE",
             ));
         }
+        if mode == Mode::Approximate && r.exact_scan {
+            return Err(Status::invalid_argument(
+                "exact_scan: only meaningful with SEARCH_MODE_EXACT",
+            ));
+        }
         let mut conditions = FilterConditions::default();
         if let Some(c) = &r.conditions {
             conditions.exclude_zero = c.exclude_zero;
