@@ -193,6 +193,16 @@ impl SelectionPlan {
     }
 }
 
+/// What the index paths (approximate, exact walk) need of one planned query.
+struct IndexQuery<'a> {
+    q: &'a NearestQuery,
+    plan: &'a SelectionPlan,
+    spec: &'a ScanSpec<'a>,
+    snapshot: &'a rocksdb::Snapshot<'a>,
+    /// The query kernel, and its negation when sign invariant.
+    qs: Vec<[f32; 9]>,
+}
+
 /// An answer through the index (approximate, or exact through its bounds), or why the scan answers instead.
 enum IndexAnswer {
     Answered { plan: Plan, candidates: Vec<Candidate>, unindexed: Vec<usize> },
@@ -805,18 +815,21 @@ impl Engine {
                 _ => None,
             },
         };
-        let selected = sel_plan.filters;
 
         // The approximate path, when asked for and when it applies; otherwise (and for layers
         // the index does not cover yet) the exact scan.
         let mut plan = Plan::exact("");
         let mut exact_slots: Option<Vec<usize>> = None; // None: every selected layer
         let mut candidates: Vec<Candidate> = Vec::new();
-        let through_index = if q.mode == Mode::Approximate {
-            self.approximate(q, &metric, &sel_plan, selected, &query_kernel, &spec, &snapshot)?
-        } else {
-            self.exact_by_index(q, &metric, &sel_plan, selected, &query_kernel, &spec, &snapshot)?
+        let iq = IndexQuery {
+            q,
+            plan: &sel_plan,
+            spec: &spec,
+            snapshot: &snapshot,
+            qs: if q.sign_invariant { vec![query_kernel, neg] } else { vec![query_kernel] },
         };
+        let through_index = if q.mode == Mode::Approximate { self.approximate(&iq)? } else { self.exact_by_index(&iq)? };
+        drop(iq);
         match through_index {
             IndexAnswer::Answered { plan: p, candidates: c, unindexed } => {
                 plan = p;
@@ -942,18 +955,10 @@ impl Engine {
     /// The approximate path: candidates from the index among the selected, indexed layers,
     /// re-ranked exactly from the stored values. Declines (with the reason the response
     /// reports) when it does not apply.
-    #[allow(clippy::too_many_arguments)]
-    fn approximate(
-        &self,
-        q: &NearestQuery,
-        metric: &Metric,
-        plan: &SelectionPlan,
-        selected: u64,
-        query_kernel: &[f32; 9],
-        spec: &ScanSpec<'_>,
-        snapshot: &rocksdb::Snapshot<'_>,
-    ) -> Result<IndexAnswer> {
-        if !matches!(metric, Metric::Raw) {
+    fn approximate(&self, iq: &IndexQuery<'_>) -> Result<IndexAnswer> {
+        let IndexQuery { q, plan, spec, snapshot, qs } = iq;
+        let selected = plan.filters;
+        if !matches!(spec.metric, Metric::Raw) {
             return Ok(IndexAnswer::Declined(
                 "the approximate index covers the raw space; other spaces are answered by the exact scan".into(),
             ));
@@ -980,11 +985,7 @@ impl Engine {
         let nprobe = (scaled.min(nlist as f64) as usize).clamp(base.min(nlist), nlist);
         let rerank = if q.rerank == 0 { crate::ann::DEFAULT_RERANK } else { q.rerank };
         let want = q.k.saturating_mul(rerank).max(q.k) + usize::from(spec.skip_id.is_some());
-        let mut qs = vec![*query_kernel];
-        if q.sign_invariant {
-            qs.push(query_kernel.map(|v| -v));
-        }
-        let (cands, stats) = ix.candidates(&qs, nprobe, ranges, want);
+        let (cands, stats) = ix.candidates(qs, nprobe, ranges, want);
         let version = ix.quantizer.version;
         drop(guard);
 
@@ -1033,22 +1034,14 @@ impl Engine {
     /// reading only the stored filters whose code-based lower bound can still beat the k-th
     /// distance. Declines (with the reason the response reports) when it does not apply or its
     /// budget runs out; the scan answers then.
-    #[allow(clippy::too_many_arguments)]
-    fn exact_by_index(
-        &self,
-        q: &NearestQuery,
-        metric: &Metric,
-        plan: &SelectionPlan,
-        selected: u64,
-        query_kernel: &[f32; 9],
-        spec: &ScanSpec<'_>,
-        snapshot: &rocksdb::Snapshot<'_>,
-    ) -> Result<IndexAnswer> {
+    fn exact_by_index(&self, iq: &IndexQuery<'_>) -> Result<IndexAnswer> {
+        let IndexQuery { q, plan, spec, snapshot, qs } = iq;
+        let selected = plan.filters;
         let scan = |why: String| Ok(IndexAnswer::Declined(format!("exact scan of every selected filter: {why}")));
         if q.exact_scan {
             return scan("requested".into());
         }
-        if !matches!(metric, Metric::Raw) {
+        if !matches!(spec.metric, Metric::Raw) {
             return scan("the search index covers the raw space only".into());
         }
         let above = self.search_index.exact_walk_above.load(Ordering::Relaxed);
@@ -1064,10 +1057,6 @@ impl Engine {
         if share < EXACT_WALK_MIN_SHARE {
             return scan(format!("the selection holds {:.1} % of the indexed filters, faster scanned", share * 100.0));
         }
-        let mut qs = vec![*query_kernel];
-        if q.sign_invariant {
-            qs.push(query_kernel.map(|v| -v));
-        }
         // Past these a scan is about as fast: a read costs ~4 µs, a scanned filter ~3 ns.
         let budget = crate::ann::WalkBudget { reranks: (ann.indexed_filters / 1024).max(256), codes: ann.indexed_filters / 2 };
         let mut top = TopK::new(q.k);
@@ -1076,7 +1065,7 @@ impl Engine {
         // The index stays read-locked during the walk, so a failed read ends the walk (and the
         // scan, which knows about layers deleted meanwhile, answers) rather than taking the
         // engine's write lock here.
-        let walked = ix.exact_walk(&qs, &ann.ranges, budget, |id| -> std::result::Result<f64, StoreError> {
+        let walked = ix.exact_walk(qs, &ann.ranges, budget, |id| -> std::result::Result<f64, StoreError> {
             if let Some((slot, idx)) = plan.locate(id) {
                 let layer = &plan.layers[slot].1;
                 cursor.for_each_run(&layer.record, idx, idx + 1, |first, bytes| spec.scan(slot, layer, first, bytes, &mut top, &shared))?;
