@@ -347,6 +347,7 @@ async fn search_approximate_recall_exact_distances_selection_and_maintenance() {
     assert!(r.mode_reason.contains("raw space"), "{}", r.mode_reason);
     // nprobe without the approximate mode is a mistake the caller should hear about, and so
     // is exact_scan with it.
+    let (before, index_before) = (totals(&mut c).await, status(&mut s).await);
     let err = s.nearest(request(&qs[0], pb::SearchMode::Exact, 4, 0, None)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let mut req = request(&qs[0], pb::SearchMode::Approximate, 0, 0, None);
@@ -354,6 +355,10 @@ async fn search_approximate_recall_exact_distances_selection_and_maintenance() {
     let err = s.nearest(req).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("exact_scan"), "{}", err.message());
+    // The refused queries stored and changed nothing.
+    let index_after = status(&mut s).await;
+    assert_eq!(totals(&mut c).await, before);
+    assert_eq!((index_after.version, index_after.models, index_after.entries), (index_before.version, index_before.models, index_before.entries));
 
     // Ingest after the build: the new model's entries are written with it and found.
     let (rg, fg) = ingest_model(&mut c, "gamma", "Detection", 3).await;
