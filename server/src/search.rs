@@ -995,7 +995,7 @@ impl Engine {
         // the answer equals re-ranking every candidate.
         let mut reranked = 0u64;
         let mut top = TopK::new(q.k);
-        let mut cursor = self.store.filter_cursor(Some(snapshot), None, BlockCheck::Trusted)?.point_reads();
+        let mut cursor = self.store.filter_cursor(Some(snapshot), None, BlockCheck::Trusted)?.point_reads(self.block_view());
         let mut pending: Vec<&crate::ann::Approx> = cands.iter().collect();
         pending.sort_by(|a, b| a.lower_bound().total_cmp(&b.lower_bound()).then(a.id.cmp(&b.id)));
         for c in pending {
@@ -1004,8 +1004,8 @@ impl Engine {
             }
             let Some((slot, idx)) = plan.locate(c.id) else { continue };
             let layer = &layers[slot].1;
-            // Through the cursor: an iterator hands out the block in place, where a point read
-            // (`get_pinned`) copied the whole 147 KiB block for the 36 bytes wanted.
+            // From the pinned block view, or through the cursor: an iterator hands out the
+            // block in place, where a point read (`get_pinned`) copied the whole 147 KiB block.
             let shared = AtomicU64::new(f64::INFINITY.to_bits());
             if self.scan_part(&mut cursor, spec, slot, layer, (idx, idx + 1), &mut top, &shared)? {
                 reranked += 1;
@@ -1015,10 +1015,11 @@ impl Engine {
             plan: Plan {
                 mode: Mode::Approximate,
                 reason: format!(
-                    "approximate: {} of {nlist} cells probed, {} codes compared, best {} candidates by code, {reranked} of them re-ranked exactly (the rest bounded out)",
+                    "approximate: {} of {nlist} cells probed, {} codes compared, best {} candidates by code, {reranked} of them re-ranked exactly (the rest bounded out; {} read from the pinned block view)",
                     stats.cells,
                     stats.codes,
-                    cands.len()
+                    cands.len(),
+                    cursor.view_reads()
                 ),
                 nprobe: nprobe as u32,
                 reranked,
@@ -1060,7 +1061,7 @@ impl Engine {
         // Past these a scan is about as fast: a read costs ~4 µs, a scanned filter ~3 ns.
         let budget = crate::ann::WalkBudget { reranks: (ann.indexed_filters / 1024).max(256), codes: ann.indexed_filters / 2 };
         let mut top = TopK::new(q.k);
-        let mut cursor = self.store.filter_cursor(Some(snapshot), None, BlockCheck::Trusted)?.point_reads();
+        let mut cursor = self.store.filter_cursor(Some(snapshot), None, BlockCheck::Trusted)?.point_reads(self.block_view());
         let shared = AtomicU64::new(f64::INFINITY.to_bits());
         // The index stays read-locked during the walk, so a failed read ends the walk (and the
         // scan, which knows about layers deleted meanwhile, answers) rather than taking the
@@ -1074,13 +1075,14 @@ impl Engine {
         });
         let (version, nlist) = (ix.quantizer.version, ix.quantizer.nlist());
         drop(guard);
+        let view_reads = cursor.view_reads();
         Ok(match walked {
             Ok(Some(st)) => IndexAnswer::Answered {
                 plan: Plan {
                     mode: Mode::Exact,
                     reason: format!(
-                        "exact through the search index: {} of {nlist} cells opened, {} codes compared, {} filters read; every other selected filter is provably farther than the k-th",
-                        st.cells, st.codes, st.reranked
+                        "exact through the search index: {} of {nlist} cells opened, {} codes compared, {} filters read ({} from the pinned block view); every other selected filter is provably farther than the k-th",
+                        st.cells, st.codes, st.reranked, view_reads
                     ),
                     nprobe: 0,
                     reranked: st.reranked,

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::ann::{Index, MIN_TRAIN_FILTERS, Quantizer, Segment};
 use crate::engine::{Engine, EngineError, Result};
+use crate::store::BlockView;
 
 /// Filters sampled to train a quantizer: 64 per cell of the largest partition.
 const TRAIN_SAMPLE: u64 = 4096 * 64;
@@ -66,7 +67,7 @@ pub struct IndexStatus {
     pub unindexed_models: usize,
     /// Filters the quantizer was trained on.
     pub trained_on: u64,
-    /// Heap bytes of the index.
+    /// Heap bytes of the index and of the pinned block view's address table.
     pub bytes: u64,
     /// The builder.
     pub build: BuildStatus,
@@ -85,6 +86,10 @@ pub struct SearchIndexState {
     stopping: AtomicBool,
     /// Resolved selections (see `search.rs`), keyed by the selection's text.
     pub(crate) plans: Mutex<std::collections::HashMap<String, Arc<crate::search::SelectionPlan>>>,
+    /// The pinned filter blocks re-ranking reads from (see [`crate::store::BlockView`]).
+    blocks: RwLock<Option<Arc<BlockView>>>,
+    /// When the last view was built, and how long that took.
+    blocks_built: Mutex<Option<(Instant, Duration)>>,
 }
 
 /// Wakes the builder thread (held apart from the engine so waiting keeps no engine alive).
@@ -159,6 +164,9 @@ pub fn start(engine: &Arc<Engine>) {
                 if e.search_index.stopping.load(Ordering::Relaxed) {
                     return;
                 }
+                if let Err(err) = e.refresh_block_view() {
+                    tracing::warn!(error = %err, "pinned block view not refreshed");
+                }
                 if let Some(reason) = e.search_index_due()
                     && let Err(err) = e.build_search_index(&reason, &|_, _, _| {})
                 {
@@ -184,6 +192,39 @@ impl Engine {
     pub fn stop_search_index(&self) {
         self.search_index.stopping.store(true, Ordering::Relaxed);
         self.search_index.nudge();
+    }
+
+    /// The pinned block view re-ranking reads from, if one is built.
+    pub(crate) fn block_view(&self) -> Option<Arc<BlockView>> {
+        self.search_index.blocks.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the pinned block view when the filter blocks' LSM version moved (a flush,
+    /// compaction or file ingestion) or layers were committed since it was built: new layers
+    /// become readable through it, and files a compaction replaced are released. The
+    /// background builder calls this every 2 s and when nudged, but not sooner after the last
+    /// build than ten times that build took (a store of 1e7 filters builds one in ~50 ms once
+    /// its files are in the page cache), so that a stream of ingests does not spend more than
+    /// a tenth of a core on views. Returns whether it built a new view.
+    pub fn refresh_block_view(&self) -> Result<bool> {
+        // Small models' blocks go into the memtable, which leaves the LSM version as it was:
+        // the catalogue's next layer id tells that the view misses layers.
+        let current = (self.store.filter_lsm_version()?, self.with_catalog(|c| c.next_ids.layer));
+        if self.block_view().is_some_and(|v| (v.lsm_version(), v.next_layer_id()) == current) {
+            return Ok(false);
+        }
+        let last = *self.search_index.blocks_built.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|(at, took)| at.elapsed() < took * 10) {
+            return Ok(false);
+        }
+        let started = Instant::now();
+        // Built under the catalogue's read lock: every layer below its next layer id is
+        // committed, so its blocks are in the state the view pins, and never change.
+        let view = self.with_catalog(|c| self.store.block_view(c.next_ids.layer))?;
+        tracing::debug!(blocks = view.len(), bytes = view.bytes(), lsm_version = view.lsm_version(), "pinned block view rebuilt");
+        *self.search_index.blocks.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(view));
+        *self.search_index.blocks_built.lock().unwrap_or_else(|p| p.into_inner()) = Some((started, started.elapsed()));
+        Ok(true)
     }
 
     /// The version of the index answering now.
@@ -257,7 +298,7 @@ impl Engine {
                 models: ix.n_models(),
                 unindexed_models: unindexed,
                 trained_on: ix.quantizer.trained_on,
-                bytes: ix.bytes(),
+                bytes: ix.bytes() + self.block_view().map_or(0, |v| v.bytes()),
                 build,
             },
         }

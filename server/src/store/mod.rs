@@ -4,6 +4,9 @@
 
 pub mod keys;
 pub mod records;
+mod view;
+
+pub use view::BlockView;
 
 #[path = "../../../migrations/mod.rs"]
 pub mod migrations;
@@ -687,7 +690,7 @@ impl Store {
         if let Some((layer, block)) = until {
             ro.set_iterate_upper_bound(block_key(layer, block).to_vec());
         }
-        Ok(FilterCursor { it: self.db.raw_iterator_cf_opt(cf, ro), sequential: true, _snapshot: snapshot })
+        Ok(FilterCursor { it: self.db.raw_iterator_cf_opt(cf, ro), sequential: true, view: None, view_reads: 0, _snapshot: snapshot })
     }
 
     /// Writes a scheduled-ingestion job record (synced: job state must survive a crash).
@@ -745,16 +748,26 @@ pub struct FilterCursor<'a> {
     it: rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
     /// Step past a run's last block (the next read usually starts there); off for point reads.
     sequential: bool,
+    /// Point reads take single filters from here when it holds their block.
+    view: Option<Arc<BlockView>>,
+    view_reads: u64,
     _snapshot: Option<&'a rocksdb::Snapshot<'a>>,
 }
 
 impl FilterCursor<'_> {
-    /// For reads at scattered places (search re-ranking): the cursor stays on the block a run
-    /// ended in instead of stepping to the next entry, which could load a data block nobody
-    /// reads; the next run seeks, unless it starts in that same block.
-    pub fn point_reads(mut self) -> Self {
+    /// For reads at scattered places (search re-ranking): a single filter comes from `view`
+    /// when it holds the filter's block (no seek; see [`BlockView`]). Otherwise the cursor
+    /// stays on the block a run ended in instead of stepping to the next entry, which could
+    /// load a data block nobody reads; the next run seeks, unless it starts in that same block.
+    pub fn point_reads(mut self, view: Option<Arc<BlockView>>) -> Self {
         self.sequential = false;
+        self.view = view;
         self
+    }
+
+    /// Filters read from the block view so far.
+    pub fn view_reads(&self) -> u64 {
+        self.view_reads
     }
 
     /// Calls `f(first, bytes)` for the filters `[start, end)` of a layer, one run per stored
@@ -765,6 +778,13 @@ impl FilterCursor<'_> {
     pub fn for_each_run(&mut self, layer: &LayerRecord, start: u64, end: u64, mut f: impl FnMut(u64, &[u8])) -> Result<()> {
         let end = end.min(layer.n_filters);
         if start >= end {
+            return Ok(());
+        }
+        if end == start + 1
+            && let Some(bytes) = self.view.as_ref().and_then(|v| v.filter(layer, start))
+        {
+            f(start, bytes);
+            self.view_reads += 1;
             return Ok(());
         }
         let first_block = (start / BLOCK_FILTERS) as u32;
@@ -1016,5 +1036,75 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         assert!(s.db.get_cf(s.cf(CF_FILTER_BLOCKS).unwrap(), block_key(41, 0)).unwrap().is_none());
         assert!(s.db.get_cf(s.cf(CF_META).unwrap(), pending_key(7)).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_block_view_keeps_its_bytes_through_deletes_flushes_and_compactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        let filters: Vec<f32> = (0..9 * 5000).map(|x| (x as f32 * 0.37).sin()).collect();
+        let (l0, l1) = two_layers();
+        let stats = LayerStats::of(&filters);
+        // Model 0 through the write batch (its blocks in the memtable), model 1 ingested as an
+        // SST file, model 2 committed after the view was built.
+        let mut m0 = model(0, 0, 0, 1);
+        m0.n_filters = 5000;
+        s.commit_model(&m0, &[(l0.clone(), stats.clone(), filters.as_slice())], NextIds { model: 1, layer: 1, filter: 5000 }, None, &[], None)
+            .unwrap();
+        s.sst_min_bytes = 1;
+        let mut m1 = model(1, 1, 5000, 1);
+        m1.n_filters = 5000;
+        let l1 = LayerRecord { model_id: 1, ..l1 };
+        s.commit_model(&m1, &[(l1.clone(), stats.clone(), filters.as_slice())], NextIds { model: 2, layer: 2, filter: 10_000 }, None, &[], None)
+            .unwrap();
+        // Blocks of a layer at or past the next layer id (an ingest not committed) stay out, and
+        // so does a block past a gap in a layer's block numbers (a corrupt store: the cursor
+        // that reads it instead reports the missing block).
+        let mut b = WriteBatch::default();
+        b.put_cf(s.cf(CF_FILTER_BLOCKS).unwrap(), block_key(9, 0), [0u8; 36]);
+        b.put_cf(s.cf(CF_FILTER_BLOCKS).unwrap(), block_key(1, 3), [0u8; 36]);
+        s.db.write(b).unwrap();
+
+        let view = s.block_view(2).unwrap();
+        assert_eq!(view.len(), 4, "two blocks (4,096 + 904 filters) for each of the two layers");
+        assert!(view.filter(&LayerRecord { layer_id: 9, n_filters: 1, ..l0.clone() }, 0).is_none());
+        assert!(view.filter(&LayerRecord { n_filters: 4 * 4096, ..l1.clone() }, 3 * 4096).is_none());
+        assert!(view.filter(&l0, 5000).is_none(), "past the layer's end");
+        let files_before: Vec<String> = s.db.live_files().unwrap().into_iter().map(|f| f.name).collect();
+        let read_all = |v: &BlockView, l: &LayerRecord| -> Vec<f32> {
+            (0..l.n_filters)
+                .flat_map(|i| v.filter(l, i).unwrap().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>())
+                .collect()
+        };
+        assert_eq!(read_all(&view, &l0), filters);
+        assert_eq!(read_all(&view, &l1), filters);
+
+        // The memtable flushed, model 0 deleted, model 2 committed, everything compacted: the
+        // files the view was built from are replaced (and would be unmapped, were the view not
+        // holding them: the test then dies of a segmentation fault), and the view still reads
+        // their bytes.
+        s.flush().unwrap();
+        s.delete_model(&m0, std::slice::from_ref(&l0)).unwrap();
+        let mut m2 = model(2, 2, 10_000, 1);
+        m2.n_filters = 5000;
+        let l2 = LayerRecord { layer_id: 2, model_id: 2, first_filter_id: 10_000, ..l0.clone() };
+        let other: Vec<f32> = filters.iter().map(|v| -v).collect();
+        s.commit_model(&m2, &[(l2.clone(), stats, other.as_slice())], NextIds { model: 3, layer: 3, filter: 15_000 }, None, &[], None)
+            .unwrap();
+        s.flush().unwrap();
+        s.db.compact_range_cf(s.cf(CF_FILTER_BLOCKS).unwrap(), None::<&[u8]>, None::<&[u8]>);
+        let files_after: Vec<String> = s.db.live_files().unwrap().into_iter().map(|f| f.name).collect();
+        assert!(files_before.iter().any(|f| !files_after.contains(f)), "the compaction replaced a file the view pins");
+        assert_eq!(read_all(&view, &l0), filters, "a deleted layer's bytes, as pinned");
+        assert_eq!(read_all(&view, &l1), filters);
+        assert!(view.filter(&l2, 0).is_none(), "committed after the view was built");
+
+        // A new view sees the current state.
+        assert_ne!(s.filter_lsm_version().unwrap(), view.lsm_version());
+        drop(view);
+        let view = s.block_view(3).unwrap();
+        assert!(view.filter(&l0, 0).is_none());
+        assert_eq!(read_all(&view, &l1), filters);
+        assert_eq!(read_all(&view, &l2), other);
     }
 }
