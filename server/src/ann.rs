@@ -670,6 +670,10 @@ impl List {
         let n = self.len();
         let mut computed = 0u64;
         let mut tail = [0i8; 9 * SKIP];
+        // First the groups to compute, then their codes fetched all at once (a group's 576
+        // bytes are nine cache lines, and the groups of a narrow selection lie apart: fetched
+        // one group at a time, each waited for its own misses), then the distances.
+        let todo_from = groups.len();
         let (mut r, mut g) = (0, 0);
         while g < self.skips.len() && r < ranges.len() {
             let first = self.skips[g].0;
@@ -688,6 +692,17 @@ impl List {
                 g = j.saturating_sub(1).max(g + 1);
                 continue;
             }
+            if let Some(c) = self.codes.get(g * 9 * SKIP..(g + 1) * 9 * SKIP) {
+                for line in (0..9 * SKIP).step_by(64) {
+                    crate::search::prefetch(c, line);
+                }
+            }
+            groups.push(GroupRef { min: 0.0, slot, group: g as u32, dists: dists.len() as u32 });
+            dists.push([f32::INFINITY; SKIP]);
+            g += 1;
+        }
+        for gr in &mut groups[todo_from..] {
+            let g = gr.group as usize;
             let codes = match self.codes.get(g * 9 * SKIP..(g + 1) * 9 * SKIP) {
                 Some(c) => c,
                 None => {
@@ -695,18 +710,16 @@ impl List {
                     &tail[..]
                 }
             };
-            let mut d = [0f32; SKIP];
-            let mut min = kernel.group(codes, cq, &mut d);
+            let d = &mut dists[gr.dists as usize];
+            let mut min = kernel.group(codes, cq, d);
             let len = (n - g * SKIP).min(SKIP);
             if len < SKIP {
                 // The zero padding of the last, partial group is no entry.
                 d[len..].fill(f32::INFINITY);
                 min = d.iter().fold(f32::INFINITY, |m, v| m.min(*v));
             }
-            groups.push(GroupRef { min, slot, group: g as u32, dists: dists.len() as u32 });
-            dists.push(d);
+            gr.min = min;
             computed += len as u64;
-            g += 1;
         }
         computed
     }
@@ -1170,13 +1183,24 @@ impl Index {
                 // A short sorted list of the best so far: most cells are farther than its last.
                 let mut best: Vec<(f32, usize)> = Vec::with_capacity(nprobe + 1);
                 // Distances are sums of squares of finite values: no NaN, so `<` orders them.
-                for (i, &x) in d.iter().enumerate() {
-                    if best.len() == nprobe && best.last().is_some_and(|w| x >= w.0) {
+                // Sixteen at a time: once the list is full, a stretch whose smallest distance
+                // is not below its last is skipped whole (a vectorised minimum; the threshold
+                // only falls, so the skipped ones would each have been skipped too).
+                for (c, stretch) in d.chunks(16).enumerate() {
+                    if best.len() == nprobe
+                        && let Some(w) = best.last()
+                        && stretch.iter().fold(f32::INFINITY, |m, &x| if x < m { x } else { m }) >= w.0
+                    {
                         continue;
                     }
-                    let at = best.partition_point(|b| b.0 <= x);
-                    best.insert(at, (x, i));
-                    best.truncate(nprobe);
+                    for (j, &x) in stretch.iter().enumerate() {
+                        if best.len() == nprobe && best.last().is_some_and(|w| x >= w.0) {
+                            continue;
+                        }
+                        let at = best.partition_point(|b| b.0 <= x);
+                        best.insert(at, (x, c * 16 + j));
+                        best.truncate(nprobe);
+                    }
                 }
                 cells.extend(best.into_iter().map(|b| b.1));
             } else {

@@ -695,11 +695,11 @@ fn kernel_at(b: &[u8]) -> [f32; 9] {
 /// How far ahead of the scan (bytes) [`prefetch`] asks for data.
 const PREFETCH_AHEAD: usize = 1024;
 
-/// Hints the CPU to load the cache line at `bytes[at]` (nothing past the end). The stored
+/// Hints the CPU to load the cache line holding `bytes[at]` (nothing past the end). The stored
 /// blocks are read through mmap, page by page, where the hardware prefetchers stop at every
-/// 4 KiB boundary.
+/// 4 KiB boundary; the index's code groups are fetched ahead of their distances.
 #[inline(always)]
-fn prefetch(bytes: &[u8], at: usize) {
+pub(crate) fn prefetch<T>(bytes: &[T], at: usize) {
     #[cfg(target_arch = "x86_64")]
     if let Some(p) = bytes.get(at) {
         // SAFETY: a prefetch never faults and has no architectural effect; `p` points into
