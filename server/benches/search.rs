@@ -203,15 +203,25 @@ fn query(k: [f32; 9], sel: &Pred, mode: Mode, nprobe: usize, scan: bool) -> Near
     }
 }
 
-/// Runs `f` over all queries (in parallel) until at least `min` has passed; queries/s.
+/// Runs `f` over all queries (in parallel) until at least `min` has passed, three times;
+/// the best of the three, in queries/s. The FAISS side (`search_peers.py`) is timed the same
+/// way. Best of three because this VM pages cold memory out on its own (a DAMON `pageout`
+/// scheme on physical memory): the store's files are page cache, so pages a query touches may
+/// be gone since the last phase and fault back in from disk; FAISS's vectors are anonymous
+/// memory, which it cannot page out without swap. One 300 ms window measured 13k–40k QPS for
+/// the same queries as the pages came back.
 fn qps(n: usize, min: Duration, f: impl Fn(usize) + Sync) -> f64 {
-    let t = Instant::now();
-    let mut done = 0usize;
-    while t.elapsed() < min || done == 0 {
-        (0..n).into_par_iter().for_each(&f);
-        done += n;
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut done = 0usize;
+        while t.elapsed() < min || done == 0 {
+            (0..n).into_par_iter().for_each(&f);
+            done += n;
+        }
+        best = best.max(done as f64 / t.elapsed().as_secs_f64());
     }
-    done as f64 / t.elapsed().as_secs_f64()
+    best
 }
 
 fn main() -> anyhow::Result<()> {

@@ -81,14 +81,17 @@ def faiss_part(p):
             if nprobe > nlist:
                 break
             params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe) if sel["expr"] else faiss.SearchParametersIVF(nprobe=nprobe)
-            t = time.perf_counter()
-            reps = 0
-            while True:
-                _, ids = index.search(q, k, params=params)
-                reps += 1
-                if time.perf_counter() - t >= 0.3:
-                    break
-            qps = reps * len(q) / (time.perf_counter() - t)
+            # Best of three 300 ms windows, as on the FilterDB side (see `qps` in search.rs).
+            qps = 0.0
+            for _ in range(3):
+                t = time.perf_counter()
+                reps = 0
+                while True:
+                    _, ids = index.search(q, k, params=params)
+                    reps += 1
+                    if time.perf_counter() - t >= 0.3:
+                        break
+                qps = max(qps, reps * len(q) / (time.perf_counter() - t))
             hits = sum(len(set(ids[i][ids[i] >= 0].tolist()) & set(truth[i])) for i in range(len(q)))
             recall = hits / max(1, sum(len(tr) for tr in truth))
             points.append({"nprobe": nprobe, "recall": recall, "qps": qps})
