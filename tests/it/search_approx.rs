@@ -407,6 +407,14 @@ async fn search_approximate_recall_exact_distances_selection_and_maintenance() {
         for n in &r.neighbors {
             assert_eq!(n.distance.to_bits(), dist(&store.kernel(n.filter_id), q).to_bits());
         }
+        // The exact scan reads every selected filter from the view, and equals brute force.
+        let mut scan = request(q, pb::SearchMode::Exact, 0, 0, None);
+        scan.exact_scan = true;
+        let e = s.nearest(scan).await.unwrap().into_inner();
+        let n = store.rows.len();
+        assert!(e.mode_reason.contains(&format!("({n} of the {n} filters scanned read from the pinned block view)")), "{}", e.mode_reason);
+        let truth: Vec<(u64, u64)> = store.top10(q, None).iter().map(|t| (t.1, t.0.to_bits())).collect();
+        assert_eq!(e.neighbors.iter().map(|n| (n.filter_id, n.distance.to_bits())).collect::<Vec<_>>(), truth);
         // Probing every cell gives the exact answer, as before.
         let a = s.nearest(request(q, pb::SearchMode::Approximate, nlist, 50, None)).await.unwrap().into_inner();
         let truth: Vec<u64> = store.top10(q, None).iter().map(|t| t.1).collect();

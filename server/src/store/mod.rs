@@ -755,12 +755,17 @@ pub struct FilterCursor<'a> {
 }
 
 impl FilterCursor<'_> {
-    /// For reads at scattered places (search re-ranking): a single filter comes from `view`
-    /// when it holds the filter's block (no seek; see [`BlockView`]). Otherwise the cursor
-    /// stays on the block a run ended in instead of stepping to the next entry, which could
-    /// load a data block nobody reads; the next run seeks, unless it starts in that same block.
-    pub fn point_reads(mut self, view: Option<Arc<BlockView>>) -> Self {
+    /// For reads at scattered places (search re-ranking): the cursor stays on the block a run
+    /// ended in instead of stepping to the next entry, which could load a data block nobody
+    /// reads; the next run seeks, unless it starts in that same block.
+    pub fn point_reads(mut self) -> Self {
         self.sequential = false;
+        self
+    }
+
+    /// Runs whose blocks `view` holds are read from it (no iterator step or seek; see
+    /// [`BlockView`]); the others through the cursor.
+    pub fn with_view(mut self, view: Option<Arc<BlockView>>) -> Self {
         self.view = view;
         self
     }
@@ -780,11 +785,10 @@ impl FilterCursor<'_> {
         if start >= end {
             return Ok(());
         }
-        if end == start + 1
-            && let Some(bytes) = self.view.as_ref().and_then(|v| v.filter(layer, start))
+        if let Some(v) = &self.view
+            && v.for_each_run(layer, start, end, &mut f)
         {
-            f(start, bytes);
-            self.view_reads += 1;
+            self.view_reads += end - start;
             return Ok(());
         }
         let first_block = (start / BLOCK_FILTERS) as u32;
@@ -1078,6 +1082,16 @@ mod tests {
         };
         assert_eq!(read_all(&view, &l0), filters);
         assert_eq!(read_all(&view, &l1), filters);
+        // Runs, across block boundaries too, as the cursor hands them out.
+        for (a, b) in [(0, 5000), (4000, 4200), (4095, 4097), (100, 101), (4999, 5000), (4096, 5000), (7, 7)] {
+            let (mut by_view, mut by_cursor) = (Vec::new(), Vec::new());
+            assert!(view.for_each_run(&l1, a, b, &mut |first, bytes| by_view.push((first, bytes.to_vec()))));
+            s.for_each_filter_run(None, &l1, a, b, |first, bytes| by_cursor.push((first, bytes.to_vec()))).unwrap();
+            assert_eq!(by_view, by_cursor, "[{a}, {b})");
+        }
+        // A range reaching past what a block holds is left to the cursor, untouched.
+        let longer = LayerRecord { n_filters: 6000, ..l1.clone() };
+        assert!(!view.for_each_run(&longer, 4000, 5500, &mut |_, _| panic!("no partial run")));
 
         // The memtable flushed, model 0 deleted, model 2 committed, everything compacted: the
         // files the view was built from are replaced (and would be unmapped, were the view not

@@ -59,32 +59,55 @@ pub struct BlockView {
 }
 
 impl BlockView {
+    /// The stored value of block `block` of layer `layer_id` (up to 4,096 filters), when the
+    /// view holds it.
+    fn block(&self, layer_id: u64, block: u64) -> Option<&[u8]> {
+        let l = usize::try_from(layer_id).ok()?;
+        let (first, end) = (*self.start.get(l)? as usize, *self.start.get(l.checked_add(1)?)? as usize);
+        let b = first.checked_add(usize::try_from(block).ok()?)?;
+        if b >= end {
+            return None;
+        }
+        let (addr, len) = (self.addrs[b], self.lens[b] as usize);
+        // SAFETY: `addr..addr + len` is the value of a key of the filter-block column family
+        // as `_pins`' iterator returned it while walking with `pin_data` set; RocksDB keeps
+        // that memory valid and unchanged until the iterator is destroyed, which happens only
+        // when `self` is dropped (see the module documentation). The returned slice borrows
+        // `self`.
+        Some(unsafe { std::slice::from_raw_parts(addr as *const u8, len) })
+    }
+
     /// The stored bytes of filter `idx` of `layer` (36 bytes), when the view holds its block.
     pub fn filter(&self, layer: &LayerRecord, idx: u64) -> Option<&[u8]> {
         if idx >= layer.n_filters {
             return None;
         }
-        let l = usize::try_from(layer.layer_id).ok()?;
-        let (first, end) = (
-            *self.start.get(l)? as usize,
-            *self.start.get(l.checked_add(1)?)? as usize,
-        );
-        let b = first + usize::try_from(idx / BLOCK_FILTERS).ok()?;
-        if b >= end {
-            return None;
-        }
-        let (addr, len) = (self.addrs[b], self.lens[b] as usize);
         let at = (idx % BLOCK_FILTERS) as usize * FILTER_BYTES;
-        if at + FILTER_BYTES > len {
-            return None;
+        self.block(layer.layer_id, idx / BLOCK_FILTERS)?.get(at..at + FILTER_BYTES)
+    }
+
+    /// Calls `f(first, bytes)` for the filters `[start, end)` of `layer`, one run per block,
+    /// as [`super::FilterCursor::for_each_run`] does, when the view holds every block of the
+    /// range with all the filters asked for; otherwise returns false without calling `f`.
+    pub fn for_each_run(&self, layer: &LayerRecord, start: u64, end: u64, f: &mut impl FnMut(u64, &[u8])) -> bool {
+        let end = end.min(layer.n_filters);
+        if start >= end {
+            return true;
         }
-        // SAFETY: `addr..addr + len` is the value of a key of the filter-block column family
-        // as `_pins`' iterator returned it while walking with `pin_data` set; RocksDB keeps
-        // that memory valid and unchanged until the iterator is destroyed, which happens only
-        // when `self` is dropped (see the module documentation). The returned slice borrows
-        // `self`, and `at + FILTER_BYTES <= len`.
-        let block = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
-        block.get(at..at + FILTER_BYTES)
+        let (b0, b1) = (start / BLOCK_FILTERS, (end - 1) / BLOCK_FILTERS);
+        let run = |b: u64| -> Option<(u64, &[u8])> {
+            let lo = start.max(b * BLOCK_FILTERS);
+            let hi = end.min((b + 1) * BLOCK_FILTERS);
+            let at = |i: u64| (i - b * BLOCK_FILTERS) as usize * FILTER_BYTES;
+            Some((lo, self.block(layer.layer_id, b)?.get(at(lo)..at(hi))?))
+        };
+        if (b0..=b1).any(|b| run(b).is_none()) {
+            return false;
+        }
+        for (first, bytes) in (b0..=b1).filter_map(run) {
+            f(first, bytes);
+        }
+        true
     }
 
     /// The LSM version it was built from (`rocksdb.current-super-version-number`).
