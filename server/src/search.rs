@@ -653,7 +653,15 @@ impl ScanSpec<'_> {
         let mut limit32 = limit(top);
         let (q_lo, q_hi, q_8) = split_query(q);
         let (n_lo, n_hi, n_8) = split_query(qn);
-        for (i, f) in bytes.chunks_exact(FILTER_BYTES).enumerate() {
+        // Four filters at a time where the CPU has SSE3 (the same sums, bit for bit, see
+        // `screen_dist4_sse3`), the rest one by one.
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("sse3") {
+            // SAFETY: SSE3 is present (checked above).
+            done = unsafe { self.scan_quads_sse3::<SIGN>(bytes, q, qn, top, &mut limit32, &limit, &mut consider) };
+        }
+        for (i, f) in bytes.chunks_exact(FILTER_BYTES).enumerate().skip(done) {
             let Ok(f) = <&[u8; FILTER_BYTES]>::try_from(f) else { continue };
             prefetch(bytes, i * FILTER_BYTES + PREFETCH_AHEAD);
             let mut d = screen_dist(f, &q_lo, &q_hi, q_8);
@@ -669,6 +677,59 @@ impl ScanSpec<'_> {
             consider(i, d, flipped, x, top);
             limit32 = limit(top);
         }
+    }
+
+    /// The screened scan's loop over whole groups of four filters (see `scan_raw`); returns
+    /// how many filters it covered.
+    ///
+    /// # Safety
+    /// The CPU must have SSE3.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "sse3")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn scan_quads_sse3<const SIGN: bool>(
+        &self,
+        bytes: &[u8],
+        q: &[f32; 9],
+        qn: &[f32; 9],
+        top: &mut TopK,
+        limit32: &mut f32,
+        limit: &impl Fn(&TopK) -> f32,
+        consider: &mut impl FnMut(usize, f64, bool, [f32; 9], &mut TopK),
+    ) -> usize {
+        for (n, quad) in bytes.chunks_exact(4 * FILTER_BYTES).enumerate() {
+            let Ok(quad) = <&[u8; 4 * FILTER_BYTES]>::try_from(quad) else { continue };
+            prefetch(bytes, n * 4 * FILTER_BYTES + PREFETCH_AHEAD);
+            let mut d4 = screen_dist4(quad, q);
+            if SIGN {
+                let e4 = screen_dist4(quad, qn);
+                d4 = std::array::from_fn(|l| d4[l].min(e4[l]));
+            }
+            // Most quads hold no filter within the limit: one vector compare tells.
+            // SAFETY: `d4` holds four f32; SSE (baseline) compares and mask.
+            let mut lanes = unsafe {
+                use std::arch::x86_64::*;
+                let d = _mm_loadu_ps(d4.as_ptr());
+                let near = _mm_or_ps(_mm_cmpngt_ps(d, _mm_set1_ps(*limit32)), _mm_cmpeq_ps(d, _mm_set1_ps(f32::INFINITY)));
+                _mm_movemask_ps(near) as u32
+            };
+            while lanes != 0 {
+                let l = lanes.trailing_zeros() as usize;
+                lanes &= lanes - 1;
+                let d = d4[l];
+                // NaN is not greater and goes to the exact path, as does an f32 overflow to ∞
+                // (checked again: the limit may have fallen since the compare).
+                if d > *limit32 && d != f32::INFINITY {
+                    continue;
+                }
+                let Ok(f) = <&[u8; FILTER_BYTES]>::try_from(&quad[l * FILTER_BYTES..(l + 1) * FILTER_BYTES]) else { continue };
+                let x = kernel_of(f);
+                let (d, flipped) = self.one(&x);
+                consider(4 * n + l, d, flipped, x, top);
+                *limit32 = limit(top);
+            }
+        }
+        bytes.len() / (4 * FILTER_BYTES) * 4
     }
 }
 
@@ -729,6 +790,44 @@ fn screen_dist(b: &[u8; FILTER_BYTES], q_lo: &[f32; 4], q_hi: &[f32; 4], q_8: f3
     }
     let t = v(8) - q_8;
     (acc[0] + acc[1]) + (acc[2] + acc[3]) + t * t
+}
+
+/// [`screen_dist`] of four consecutive stored filters at once: per filter the same two
+/// 4-lane products summed lane-wise, then `(a0 + a1) + (a2 + a3)` by two rounds of horizontal
+/// adds, then the last value's square, so each result equals `screen_dist` bit for bit (a NaN
+/// up to its sign; tested). Inlined into [`ScanSpec::scan_quads_sse3`], which has SSE3.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn screen_dist4(b: &[u8; 4 * FILTER_BYTES], q: &[f32; 9]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let p = b.as_ptr().cast::<f32>();
+    // SAFETY: every load reads 16 bytes at f32 offsets 9f and 9f + 4 (f < 4), at most byte 140
+    // of the 144 (unaligned loads); x86 is little-endian, as the stored bytes are. The caller
+    // has SSE3 (`_mm_hadd_ps`).
+    unsafe {
+        let (ql, qh) = (_mm_loadu_ps(q.as_ptr()), _mm_loadu_ps(q.as_ptr().add(4)));
+        let acc = |f: usize| {
+            let t = _mm_sub_ps(_mm_loadu_ps(p.add(9 * f)), ql);
+            let u = _mm_sub_ps(_mm_loadu_ps(p.add(9 * f + 4)), qh);
+            _mm_add_ps(_mm_mul_ps(t, t), _mm_mul_ps(u, u))
+        };
+        let sums = _mm_hadd_ps(_mm_hadd_ps(acc(0), acc(1)), _mm_hadd_ps(acc(2), acc(3)));
+        let v8 = _mm_setr_ps(p.add(8).read_unaligned(), p.add(17).read_unaligned(), p.add(26).read_unaligned(), p.add(35).read_unaligned());
+        let t = _mm_sub_ps(v8, _mm_set1_ps(q[8]));
+        let mut out = [0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), _mm_add_ps(sums, _mm_mul_ps(t, t)));
+        out
+    }
+}
+
+/// [`screen_dist4`] compiled with SSE3, for the test.
+///
+/// # Safety
+/// The CPU must have SSE3.
+#[cfg(all(test, target_arch = "x86_64"))]
+#[target_feature(enable = "sse3")]
+unsafe fn screen_dist4_sse3(b: &[u8; 4 * FILTER_BYTES], q: &[f32; 9]) -> [f32; 4] {
+    screen_dist4(b, q)
 }
 
 fn check_kernel(k: &[f32; 9], what: &str) -> Result<()> {
@@ -1252,6 +1351,42 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_four_wide_screen_equals_the_one_filter_screen_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("sse3") {
+            return;
+        }
+        let mut x = 99u32;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for round in 0..20_000 {
+            // Ordinary values, subnormals, huge values (overflow to ∞), NaN and ±0.
+            let mut val = |_| match next() % 11 {
+                0 => f32::from_bits(next() % 5000),
+                1 => (next() % 1000) as f32 * 1e36,
+                2 if round % 7 == 0 => f32::NAN,
+                3 => -0.0,
+                _ => ((next() % 20_001) as f32 - 10_000.0) * 1e-4,
+            };
+            let quad: Vec<f32> = (0..36).map(&mut val).collect();
+            let q: [f32; 9] = std::array::from_fn(&mut val);
+            let bytes: [u8; 4 * FILTER_BYTES] = std::array::from_fn(|i| quad[i / 4].to_le_bytes()[i % 4]);
+            let (lo, hi, q8) = split_query(&q);
+            // SAFETY: SSE3 is present (checked above).
+            let four = unsafe { screen_dist4_sse3(&bytes, &q) };
+            for l in 0..4 {
+                let one = screen_dist(bytes[l * FILTER_BYTES..(l + 1) * FILTER_BYTES].try_into().unwrap(), &lo, &hi, q8);
+                // (A NaN's sign may differ; the screen treats every NaN alike.)
+                assert!(four[l].to_bits() == one.to_bits() || (four[l].is_nan() && one.is_nan()), "round {round}, filter {l}: {} {one}", four[l]);
+            }
+        }
+    }
+
+    #[test]
     fn top_k_keeps_the_smallest_with_ties_by_id() {
         let mut t = TopK::new(3);
         let c = |d: f64, id: u64| Candidate {
@@ -1337,7 +1472,9 @@ mod tests {
             },
             stats: crate::stats::LayerStats::default(),
         };
-        for q in [base, [0.0; 9], [f32::from_bits(7); 9], base.map(|v| -v), base.map(|v| v + 3.0), base.map(|v| -v - 3.0)] {
+        // The last query is so far from every filter that each f32 screen distance overflows
+        // to ∞: all of them must reach the exact path, four at a time or one by one.
+        for q in [base, [0.0; 9], [f32::from_bits(7); 9], base.map(|v| -v), base.map(|v| v + 3.0), base.map(|v| -v - 3.0), base.map(|v| v * -3e19)] {
             for sign in [false, true] {
                 for k in [1, 7, 64] {
                     let s = spec(&Metric::Raw, &q, sign);

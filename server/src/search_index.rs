@@ -86,7 +86,8 @@ pub struct SearchIndexState {
     stopping: AtomicBool,
     /// Resolved selections (see `search.rs`), keyed by the selection's text.
     pub(crate) plans: Mutex<std::collections::HashMap<String, Arc<crate::search::SelectionPlan>>>,
-    /// The pinned filter blocks re-ranking reads from (see [`crate::store::BlockView`]).
+    /// The pinned filter blocks that re-ranking and the exact scan read from (see
+    /// [`crate::store::BlockView`]).
     blocks: RwLock<Option<Arc<BlockView>>>,
     /// When the last view was built, and how long that took.
     blocks_built: Mutex<Option<(Instant, Duration)>>,
@@ -194,7 +195,7 @@ impl Engine {
         self.search_index.nudge();
     }
 
-    /// The pinned block view re-ranking reads from, if one is built.
+    /// The pinned block view that re-ranking and the exact scan read from, if one is built.
     pub(crate) fn block_view(&self) -> Option<Arc<BlockView>> {
         self.search_index.blocks.read().unwrap_or_else(|p| p.into_inner()).clone()
     }

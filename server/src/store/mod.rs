@@ -748,7 +748,7 @@ pub struct FilterCursor<'a> {
     it: rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
     /// Step past a run's last block (the next read usually starts there); off for point reads.
     sequential: bool,
-    /// Point reads take single filters from here when it holds their block.
+    /// Runs whose blocks it holds are read from here (see [`FilterCursor::with_view`]).
     view: Option<Arc<BlockView>>,
     view_reads: u64,
     _snapshot: Option<&'a rocksdb::Snapshot<'a>>,
