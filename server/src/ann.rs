@@ -5,8 +5,9 @@
 //! intersects posting lists. Candidates are re-ranked exactly from the stored float32 values.
 //!
 //! Structure:
-//! - a [`Quantizer`]: `k1` coarse centroids, each refined into fine centroids (the cells, at
-//!   most 4096 in all) in proportion to the share of the sample it holds, so that dense regions
+//! - a [`Quantizer`]: `k1` coarse centroids, each refined into fine centroids (the cells:
+//!   about 1.3·√n for a store of n filters, at least 4096 when the store has 64 filters per
+//!   cell to train on, at most 16384; see [`train_sample_size`]) in proportion to the share of the sample it holds, so that dense regions
 //!   (the many small-magnitude filters of deep layers) get as many cells as they need; trained
 //!   by Lloyd's k-means on a sample of stored filters;
 //!   per cell and dimension a scale `s` such that a member's residual `(f − c)/s` lies in
@@ -51,8 +52,8 @@ pub const DEFAULT_NPROBE: usize = 16;
 pub const DEFAULT_RERANK: usize = 4;
 /// Filters stored before an index is trained automatically.
 pub const MIN_TRAIN_FILTERS: u64 = 20_000;
-/// Most cells per level (so at most 4096 cells).
-const MAX_PER_LEVEL: usize = 64;
+/// Most cells per level (so at most 16384 cells).
+const MAX_PER_LEVEL: usize = 128;
 /// Training sample: this many filters per cell.
 const SAMPLE_PER_CELL: usize = 64;
 /// Lloyd iterations per level.
@@ -169,6 +170,17 @@ pub struct Quantizer {
     pub scale: Vec<[f32; 9]>,
     /// Filters stored when it was trained.
     pub trained_on: u64,
+}
+
+/// Filters to sample for training the quantizer of a store of `total` filters:
+/// [`SAMPLE_PER_CELL`] per cell, for the larger of 4096 cells and 1.3·√total (4096 cells at
+/// 1e7 filters, 13,000 at 1e8), at most 16384 cells. Cells grow with √n, as the inverted-file
+/// rule of thumb has it (FAISS suggests 4–16·√n cells of float vectors; int8 codes cost a
+/// quarter as much to compare, so ours are fewer and larger): at 1e8 filters 4096 cells would
+/// hold ~24,000 entries each and a query would compare twice as many codes as it needs.
+pub fn train_sample_size(total: u64) -> u64 {
+    let cells = (1.3 * (total as f64).sqrt()).round().clamp(4096.0, (MAX_PER_LEVEL * MAX_PER_LEVEL) as f64) as u64;
+    SAMPLE_PER_CELL as u64 * cells
 }
 
 /// Cells per level for a training set of `n` filters.
@@ -1462,6 +1474,24 @@ mod tests {
         let (near, computed) = walk_within(&[(0, u64::MAX)], Kernel::detect(), 9.0 * 10.0 * 10.0);
         assert_eq!(near, ids.iter().copied().filter(|id| (*id as i8).unsigned_abs() <= 10).collect::<Vec<_>>());
         assert_eq!(computed, 1000);
+    }
+
+    #[test]
+    fn cells_grow_with_the_square_root_of_the_store_between_4096_and_16384() {
+        // Cells a store gets: its sample size (never more than the store) split per level.
+        let cells = |total: u64| per_level(train_sample_size(total).min(total) as usize).pow(2);
+        assert_eq!(cells(100_000), 39 * 39, "a small store: 64 sample filters per cell");
+        assert_eq!(cells(1_000_000), 4096);
+        assert_eq!(cells(10_000_000), 4096, "1.3·√1e7 = 4111 → 64 per level");
+        assert_eq!(cells(20_000_000), 76 * 76, "1.3·√2e7 = 5814");
+        assert_eq!(cells(100_000_000), 114 * 114, "1.3·√1e8 = 13000");
+        assert_eq!(cells(1_460_000_000), 128 * 128, "the CNN Filter DB release: the cap");
+        let mut last = 0;
+        for t in (0..40).map(|i| 10f64.powf(5.0 + i as f64 * 0.1) as u64) {
+            let c = cells(t);
+            assert!(c >= last && c <= 16384, "{t} filters: {c} cells after {last}");
+            last = c;
+        }
     }
 
     #[test]

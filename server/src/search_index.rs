@@ -18,12 +18,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use crate::ann::{Index, MIN_TRAIN_FILTERS, Quantizer, Segment};
+use crate::ann::{Index, MIN_TRAIN_FILTERS, Quantizer, Segment, train_sample_size};
 use crate::engine::{Engine, EngineError, Result};
 use crate::store::BlockView;
 
-/// Filters sampled to train a quantizer: 64 per cell of the largest partition.
-const TRAIN_SAMPLE: u64 = 4096 * 64;
 /// Filters read per batch of segments written by a build.
 const BUILD_BATCH_FILTERS: u64 = 4 << 20;
 
@@ -532,12 +530,12 @@ impl Engine {
         Ok(Segment::build(q, m.model_id, &parts))
     }
 
-    /// About `TRAIN_SAMPLE` filters spread over every layer in proportion to its size: runs of
+    /// About [`train_sample_size`] filters spread over every layer in proportion to its size: runs of
     /// up to 64 filters from evenly spaced blocks, so few blocks are read.
     fn train_sample(&self, total: u64) -> Result<Vec<[f32; 9]>> {
         let layers: Vec<Arc<crate::catalog::CatalogLayer>> =
             self.with_catalog(|c| c.models_after(None).flat_map(|m| c.model_layers(m)).collect());
-        let frac = (TRAIN_SAMPLE as f64 / total as f64).min(1.0);
+        let frac = (train_sample_size(total) as f64 / total as f64).min(1.0);
         let block = crate::store::keys::BLOCK_FILTERS;
         let mut out = Vec::new();
         for l in &layers {
