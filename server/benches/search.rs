@@ -22,7 +22,9 @@
 //!    bytes each). This VM's bandwidth moves by up to 2x within minutes, so the scan is set
 //!    against a probe taken seconds from it, not one from the start of the run.
 //! 5. Per selectivity and nprobe: approximate k = 10, recall@10 against the ground truth and
-//!    queries per second (queries in parallel on the 2 cores).
+//!    queries per second (queries in parallel on the 2 cores). nprobe as shipped (scaled up by
+//!    √(1/selectivity)), and for a narrow selection also the cell counts below its floor with
+//!    `nprobe_unscaled`, as FAISS's nprobe is used.
 //! 6. Runs `search_peers.py` (DuckDB 2.0.0 and faiss-cpu in `FILTERDB_BENCH_PYTHON`, default
 //!    /var/cache/filterdb/bench-venv): DuckDB answers a few queries per selectivity (their ids
 //!    double as the exactness check of the ground truth); FAISS IndexIVFFlat (nlist 4096 at 1e7,
@@ -195,7 +197,12 @@ fn selection(engine: &Engine, expr: &str) -> anyhow::Result<Pred> {
 }
 
 /// `scan`: an exact query reads every selected filter (no index bounds).
+/// `unscaled`: probe exactly `nprobe` cells (`nprobe_unscaled`).
 fn query(k: [f32; 9], sel: &Pred, mode: Mode, nprobe: usize, scan: bool) -> NearestQuery {
+    query_cells(k, sel, mode, nprobe, scan, false)
+}
+
+fn query_cells(k: [f32; 9], sel: &Pred, mode: Mode, nprobe: usize, scan: bool, unscaled: bool) -> NearestQuery {
     NearestQuery {
         query: Query::Kernel(k),
         k: K,
@@ -206,6 +213,7 @@ fn query(k: [f32; 9], sel: &Pred, mode: Mode, nprobe: usize, scan: bool) -> Near
         exclude_query_filter: false,
         mode,
         nprobe,
+        nprobe_unscaled: unscaled,
         rerank: 0,
         exact_below: filterdb::search::DEFAULT_EXACT_BELOW,
         exact_scan: scan,
@@ -423,20 +431,27 @@ fn run(target: u64, seed: u64, nq: usize, work: &Path) -> anyhow::Result<()> {
         }
         let indexed_s = t.elapsed().as_secs_f64() / nq as f64;
         eprintln!("  exact through the index {:.3} ms/query ({:.0} filters read per query), ids equal the scan's", indexed_s * 1e3, read as f64 / nq as f64);
+        // The knob as shipped (nprobe scaled by √(1/selectivity)), then, below the fewest
+        // cells that reaches (a narrow selection's nprobe 1), exact cell counts
+        // (`nprobe_unscaled`): one curve of cells probed.
         let mut points = Vec::new();
-        for &np in &nprobes {
+        let floor = engine.nearest(&query(queries[0], &sel, Mode::Approximate, 1, false), 1000)?.nprobe as usize;
+        let unscaled = nprobes.iter().filter(|&&np| np < floor).map(|&np| (np, true));
+        for (np, unscaled) in nprobes.iter().map(|&np| (np, false)).chain(unscaled) {
+            let ask = |q: [f32; 9]| query_cells(q, &sel, Mode::Approximate, np, false, unscaled);
             let answers: Vec<Vec<u64>> = queries
                 .par_iter()
-                .map(|q| engine.nearest(&query(*q, &sel, Mode::Approximate, np, false), 1000).map(|a| a.neighbors.iter().map(|n| n.filter_id).collect()))
+                .map(|q| engine.nearest(&ask(*q), 1000).map(|a| a.neighbors.iter().map(|n| n.filter_id).collect()))
                 .collect::<Result<_, _>>()?;
             let hits: usize = answers.iter().zip(&truth).map(|(a, t)| a.iter().filter(|id| t.contains(id)).count()).sum();
             let recall = hits as f64 / truth.iter().map(Vec::len).sum::<usize>().max(1) as f64;
-            let one = engine.nearest(&query(queries[0], &sel, Mode::Approximate, np, false), 1000)?;
+            let one = engine.nearest(&ask(queries[0]), 1000)?;
             let q_s = qps(nq, Duration::from_millis(300), |i| {
-                let _ = engine.nearest(&query(queries[i], &sel, Mode::Approximate, np, false), 1000);
+                let _ = engine.nearest(&ask(queries[i]), 1000);
             });
-            eprintln!("  nprobe {np:>3} (used {:>4}, {:?}, {} re-ranked): recall@10 {recall:.3}, {q_s:.0} QPS", one.nprobe, one.mode, one.candidates_reranked);
-            points.push(json!({"nprobe": np, "nprobe_used": one.nprobe, "mode": format!("{:?}", one.mode), "recall": recall, "qps": q_s}));
+            let u = if unscaled { " unscaled" } else { "" };
+            eprintln!("  nprobe {np:>3}{u} (used {:>4}, {:?}, {} re-ranked): recall@10 {recall:.3}, {q_s:.0} QPS", one.nprobe, one.mode, one.candidates_reranked);
+            points.push(json!({"nprobe": np, "unscaled": unscaled, "nprobe_used": one.nprobe, "mode": format!("{:?}", one.mode), "recall": recall, "qps": q_s}));
         }
         sel_rows.push(json!({"label": label, "expr": expr, "selected": selected, "selectivity": selected as f64 / n_total as f64,
             "exact_ms": exact_s * 1e3, "exact_filters_per_s": rate, "bandwidth": bw_sel, "bandwidth_fraction": rate / bw_filters,
@@ -497,19 +512,22 @@ fn run(target: u64, seed: u64, nq: usize, work: &Path) -> anyhow::Result<()> {
     writeln!(md, "| selection | FilterDB nprobe | recall | QPS | FAISS nprobe | recall | QPS | ratio |")?;
     writeln!(md, "|---|---|---|---|---|---|---|---|")?;
     for (i, c) in curves.iter().enumerate() {
-        let best = |pts: &Value| -> Option<(i64, f64, f64)> {
+        let best = |pts: &Value| -> Option<(String, f64, f64)> {
             pts.as_array()?.iter().filter(|p| p["recall"].as_f64().unwrap_or(0.0) >= 0.95)
-                .map(|p| (p["nprobe"].as_i64().unwrap_or(0), p["recall"].as_f64().unwrap_or(0.0), p["qps"].as_f64().unwrap_or(0.0)))
+                .map(|p| {
+                    let u = if p["unscaled"].as_bool().unwrap_or(false) { " unscaled" } else { "" };
+                    (format!("{}{u}", p["nprobe"].as_i64().unwrap_or(0)), p["recall"].as_f64().unwrap_or(0.0), p["qps"].as_f64().unwrap_or(0.0))
+                })
                 .max_by(|a, b| a.2.total_cmp(&b.2))
         };
         let ours = best(&c["points"]);
         let theirs = best(&peers["faiss"][i]["points"]);
-        let f = |o: Option<(i64, f64, f64)>| o.map_or("- | - | -".to_string(), |(n, r, q)| format!("{n} | {r:.3} | {q:.0}"));
-        let ratio = match (ours, theirs) {
+        let f = |o: &Option<(String, f64, f64)>| o.as_ref().map_or("- | - | -".to_string(), |(n, r, q)| format!("{n} | {r:.3} | {q:.0}"));
+        let ratio = match (&ours, &theirs) {
             (Some(a), Some(b)) => format!("{:.1}x", a.2 / b.2),
             _ => "-".into(),
         };
-        writeln!(md, "| {} | {} | {} | {ratio} |", c["label"].as_str().unwrap_or(""), f(ours), f(theirs))?;
+        writeln!(md, "| {} | {} | {} | {ratio} |", c["label"].as_str().unwrap_or(""), f(&ours), f(&theirs))?;
     }
     if let Some(b) = peers["faiss_build_s"].as_f64() {
         writeln!(md, "\nFAISS train + add: {b:.1} s; FAISS index memory {:.1} B/filter (vectors + ids).", peers["faiss_bytes_per_filter"].as_f64().unwrap_or(0.0))?;

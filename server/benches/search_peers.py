@@ -112,8 +112,10 @@ def plot(curves_path, png):
     labels = [s["label"] for s in c["filterdb"]]
     fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.8), sharey=False)
     for ax, ours, theirs in zip(axes, c["filterdb"], c["faiss"] or [None] * len(labels)):
-        r = [p["recall"] for p in ours["points"]]
-        q = [p["qps"] for p in ours["points"]]
+        # Scaled and unscaled points are one curve of cells probed.
+        pts = sorted(ours["points"], key=lambda p: p.get("nprobe_used") or p["nprobe"])
+        r = [p["recall"] for p in pts]
+        q = [p["qps"] for p in pts]
         ax.plot(r, q, "o-", label="FilterDB approximate")
         if theirs:
             ax.plot([p["recall"] for p in theirs["points"]], [p["qps"] for p in theirs["points"]], "s--", label="FAISS IVF + IDSelector")

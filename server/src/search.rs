@@ -247,8 +247,11 @@ pub struct NearestQuery {
     /// Mode asked for.
     pub mode: Mode,
     /// Approximate: cells probed for a search over everything (0: the default); scaled up by
-    /// √(1/selectivity).
+    /// √(1/selectivity) unless `nprobe_unscaled`.
     pub nprobe: usize,
+    /// Approximate: probe exactly `nprobe` cells (the default when 0), whatever the
+    /// selection's size.
+    pub nprobe_unscaled: bool,
     /// Approximate: candidates re-ranked exactly = k · rerank (0: the default).
     pub rerank: usize,
     /// Selections of at most this many filters are scanned (both modes).
@@ -1106,9 +1109,14 @@ impl Engine {
         let base = if q.nprobe == 0 { crate::ann::DEFAULT_NPROBE } else { q.nprobe };
         // A narrow selection meets fewer of its filters per cell: widen the probe by
         // sqrt(1/selectivity) (measured: recall holds, and linear widening costs more than it
-        // brings, because the nearest cells hold a selection's near neighbours first).
-        let scaled = (base as f64 * (ix.live_entries().max(1) as f64 / indexed_filters.max(1) as f64).sqrt()).ceil();
-        let nprobe = (scaled.min(nlist as f64) as usize).clamp(base.min(nlist), nlist);
+        // brings, because the nearest cells hold a selection's near neighbours first) unless
+        // the caller tunes the count itself.
+        let nprobe = if q.nprobe_unscaled {
+            base.min(nlist)
+        } else {
+            let scaled = (base as f64 * (ix.live_entries().max(1) as f64 / indexed_filters.max(1) as f64).sqrt()).ceil();
+            (scaled.min(nlist as f64) as usize).clamp(base.min(nlist), nlist)
+        };
         let rerank = if q.rerank == 0 { crate::ann::DEFAULT_RERANK } else { q.rerank };
         let want = q.k.saturating_mul(rerank).max(q.k) + usize::from(spec.skip_id.is_some());
         let (cands, stats) = ix.candidates(qs, nprobe, ranges, want);
@@ -1141,8 +1149,9 @@ impl Engine {
             plan: Plan {
                 mode: Mode::Approximate,
                 reason: format!(
-                    "approximate: {} of {nlist} cells probed, {} codes compared, best {} candidates by code, {reranked} of them re-ranked exactly (the rest bounded out; {} read from the pinned block view)",
+                    "approximate: {} of {nlist} cells probed{}, {} codes compared, best {} candidates by code, {reranked} of them re-ranked exactly (the rest bounded out; {} read from the pinned block view)",
                     stats.cells,
+                    if q.nprobe_unscaled { " (nprobe unscaled)" } else { "" },
                     stats.codes,
                     cands.len(),
                     cursor.view_reads()

@@ -336,6 +336,28 @@ async fn search_approximate_recall_exact_distances_selection_and_maintenance() {
         assert_eq!(r.nprobe, nlist);
     }
 
+    // nprobe_unscaled: exactly the cells asked for, where the knob as shipped widens them for
+    // the narrower selection; the selection and exact distances hold all the same.
+    let beta_share = fb.len() as f64 / store.rows.len() as f64;
+    for q in qs.iter().take(10) {
+        let mut req = request(q, pb::SearchMode::Approximate, 3, 0, Some("task = 'Segmentation'"));
+        let scaled = s.nearest(req.clone()).await.unwrap().into_inner();
+        assert_eq!(scaled.nprobe, (3.0 / beta_share.sqrt()).ceil() as u32, "{}", scaled.mode_reason);
+        assert!(scaled.nprobe > 3);
+        req.nprobe_unscaled = true;
+        let r = s.nearest(req).await.unwrap().into_inner();
+        assert_eq!(r.mode, pb::SearchMode::Approximate as i32);
+        assert_eq!(r.nprobe, 3);
+        assert!(r.mode_reason.contains("3 of ") && r.mode_reason.contains("(nprobe unscaled)"), "{}", r.mode_reason);
+        assert_eq!(r.neighbors.len(), 10);
+        for n in &r.neighbors {
+            assert_eq!(n.model_name, "beta");
+            assert_eq!(n.distance.to_bits(), dist(&store.kernel(n.filter_id), q).to_bits());
+        }
+    }
+    let j = cli(&["--json", "nearest", "--kernel", &k, "--approx", "--nprobe", "2", "--nprobe-unscaled", "--where", "task = 'Segmentation'"]);
+    assert_eq!((j["mode"].as_str(), j["nprobe"].as_u64()), (Some("approximate"), Some(2)), "{j}");
+
     // Small selections and other spaces are answered exactly, with the reason.
     let r = s.nearest(request(&qs[0], pb::SearchMode::Approximate, 0, 0, Some("model = 'alpha' and layer_index = 0"))).await.unwrap().into_inner();
     assert_eq!(r.mode, pb::SearchMode::Exact as i32);
@@ -355,6 +377,11 @@ async fn search_approximate_recall_exact_distances_selection_and_maintenance() {
     let err = s.nearest(req).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("exact_scan"), "{}", err.message());
+    let mut req = request(&qs[0], pb::SearchMode::Exact, 0, 0, None);
+    req.nprobe_unscaled = true;
+    let err = s.nearest(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("nprobe_unscaled"), "{}", err.message());
     // The refused queries stored and changed nothing.
     let index_after = status(&mut s).await;
     assert_eq!(totals(&mut c).await, before);

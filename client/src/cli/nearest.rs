@@ -116,6 +116,10 @@ pub struct NearestArgs {
     /// default 16, scaled up for narrow selections).
     #[arg(long, value_name = "N", requires = "approx")]
     pub nprobe: Option<u32>,
+    /// With --approx: probe exactly --nprobe cells, without scaling them up for a narrow
+    /// selection (you tune the recall of each selection yourself).
+    #[arg(long, requires = "approx")]
+    pub nprobe_unscaled: bool,
     /// With --approx: re-rank k x R candidates exactly (server default 4).
     #[arg(long, value_name = "R", requires = "approx")]
     pub rerank: Option<u32>,
@@ -185,6 +189,7 @@ pub fn request(a: &NearestArgs) -> Result<NearestRequest, ClientError> {
             SearchMode::Exact
         } as i32,
         nprobe: a.nprobe.unwrap_or(0),
+        nprobe_unscaled: a.nprobe_unscaled,
         rerank: a.rerank.unwrap_or(0),
         exact_scan: a.scan,
     })

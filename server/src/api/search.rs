@@ -99,9 +99,9 @@ impl SearchService {
                 )));
             }
         };
-        if mode == Mode::Exact && (r.nprobe != 0 || r.rerank != 0) {
+        if mode == Mode::Exact && (r.nprobe != 0 || r.rerank != 0 || r.nprobe_unscaled) {
             return Err(Status::invalid_argument(
-                "nprobe and rerank: only meaningful with SEARCH_MODE_APPROXIMATE",
+                "nprobe, nprobe_unscaled and rerank: only meaningful with SEARCH_MODE_APPROXIMATE",
             ));
         }
         if mode == Mode::Approximate && r.exact_scan {
@@ -128,6 +128,7 @@ impl SearchService {
             exclude_query_filter: r.exclude_query_filter,
             mode,
             nprobe: r.nprobe as usize,
+            nprobe_unscaled: r.nprobe_unscaled,
             rerank: r.rerank as usize,
             exact_below: DEFAULT_EXACT_BELOW,
             exact_scan: r.exact_scan,
