@@ -215,7 +215,7 @@ pub struct Quantizer {
 }
 
 /// Filters to sample for training the quantizer of a store of `total` filters:
-/// [`SAMPLE_PER_CELL`] per cell, for the larger of 4096 cells and 1.3·√total (4096 cells at
+/// 64 per cell, for the larger of 4096 cells and 1.3·√total (4096 cells at
 /// 1e7 filters, 13,000 at 1e8), at most 16384 cells. Cells grow with √n, as the inverted-file
 /// rule of thumb has it (FAISS suggests 4–16·√n cells of float vectors; int8 codes cost a
 /// quarter as much to compare, so ours are fewer and larger): at 1e8 filters 4096 cells would
