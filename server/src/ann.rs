@@ -275,9 +275,10 @@ impl Quantizer {
             scale: Vec::new(),
             trained_on: total,
         };
+        let (t, kernel) = (q.transposed(), Kernel::detect());
+        let cells: Vec<usize> = sample.par_iter().map_init(Vec::new, |scratch, p| q.cell_in(p, &t, kernel, scratch)).collect();
         let mut range = vec![[0f32; 9]; q.centroids.len()];
-        for p in sample {
-            let c = q.cell(p);
+        for (p, &c) in sample.iter().zip(&cells) {
             for d in 0..9 {
                 range[c][d] = range[c][d].max((p[d] - q.centroids[c][d]).abs());
             }
@@ -301,7 +302,8 @@ impl Quantizer {
 
     /// The cell of a filter: the nearest fine centroid among those of the three nearest
     /// coarse centroids (queries probe the truly nearest cells; looking past the nearest coarse
-    /// cluster keeps filters near its border in the cell a query will probe).
+    /// cluster keeps filters near its border in the cell a query will probe). One filter at a
+    /// time; training and builds use [`Quantizer::cell_in`], which gives the same cell.
     pub fn cell(&self, f: &[f32; 9]) -> usize {
         let mut best = (f32::INFINITY, 0usize);
         for (d, c1) in self.nearest_coarse3(f) {
