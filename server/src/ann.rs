@@ -303,7 +303,7 @@ impl Quantizer {
     /// The cell of a filter: the nearest fine centroid among those of the three nearest
     /// coarse centroids (queries probe the truly nearest cells; looking past the nearest coarse
     /// cluster keeps filters near its border in the cell a query will probe). One filter at a
-    /// time; training and builds use [`Quantizer::cell_in`], which gives the same cell.
+    /// time; training and builds use `Quantizer::cell_in`, which gives the same cell.
     pub fn cell(&self, f: &[f32; 9]) -> usize {
         let mut best = (f32::INFINITY, 0usize);
         for (d, c1) in self.nearest_coarse3(f) {
