@@ -657,13 +657,13 @@ impl ScanSpec<'_> {
         let mut limit32 = limit(top);
         let (q_lo, q_hi, q_8) = split_query(q);
         let (n_lo, n_hi, n_8) = split_query(qn);
-        // Four filters at a time where the CPU has SSE3 (the same sums, bit for bit, see
-        // `screen_dist4_sse3`), the rest one by one.
+        // Eight filters at a time where the CPU has AVX2, screened first on their first eight
+        // values (see `scan_octs_avx2`), the rest one by one.
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("sse3") {
-            // SAFETY: SSE3 is present (checked above).
-            done = unsafe { self.scan_quads_sse3::<SIGN>(bytes, q, qn, top, &mut limit32, &limit, &mut consider) };
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present (checked above).
+            done = unsafe { self.scan_octs_avx2::<SIGN>(bytes, (q, qn), (&q_lo, &q_hi, q_8), (&n_lo, &n_hi, n_8), top, &mut limit32, &limit, &mut consider) };
         }
         for (i, f) in bytes.chunks_exact(FILTER_BYTES).enumerate().skip(done) {
             let Ok(f) = <&[u8; FILTER_BYTES]>::try_from(f) else { continue };
@@ -683,57 +683,65 @@ impl ScanSpec<'_> {
         }
     }
 
-    /// The screened scan's loop over whole groups of four filters (see `scan_raw`); returns
+    /// The screened scan's loop over whole groups of eight filters (see `scan_raw`); returns
     /// how many filters it covered.
     ///
+    /// A group is screened first on the sum of each filter's first eight squared differences
+    /// (`screen_partial8`): a sum of non-negative terms, at most the full sum but for rounding,
+    /// and the screen's slack covers any order of up to nine such terms, so a filter whose
+    /// partial sum exceeds the limit cannot reach the heap. The few that pass are screened on
+    /// all nine values (`screen_dist`) before the exact distance.
+    ///
     /// # Safety
-    /// The CPU must have SSE3.
+    /// The CPU must have AVX2.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "sse3")]
+    #[target_feature(enable = "avx2")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn scan_quads_sse3<const SIGN: bool>(
+    unsafe fn scan_octs_avx2<const SIGN: bool>(
         &self,
         bytes: &[u8],
-        q: &[f32; 9],
-        qn: &[f32; 9],
+        (q, qn): (&[f32; 9], &[f32; 9]),
+        (q_lo, q_hi, q_8): (&[f32; 4], &[f32; 4], f32),
+        (n_lo, n_hi, n_8): (&[f32; 4], &[f32; 4], f32),
         top: &mut TopK,
         limit32: &mut f32,
         limit: &impl Fn(&TopK) -> f32,
         consider: &mut impl FnMut(usize, f64, bool, [f32; 9], &mut TopK),
     ) -> usize {
-        for (n, quad) in bytes.chunks_exact(4 * FILTER_BYTES).enumerate() {
-            let Ok(quad) = <&[u8; 4 * FILTER_BYTES]>::try_from(quad) else { continue };
-            prefetch(bytes, n * 4 * FILTER_BYTES + PREFETCH_AHEAD);
-            let mut d4 = screen_dist4(quad, q);
+        use std::arch::x86_64::*;
+        for (n, oct) in bytes.chunks_exact(8 * FILTER_BYTES).enumerate() {
+            let Ok(oct) = <&[u8; 8 * FILTER_BYTES]>::try_from(oct) else { continue };
+            prefetch(bytes, n * 8 * FILTER_BYTES + PREFETCH_AHEAD);
+            let mut d8 = screen_partial8(oct, q);
             if SIGN {
-                let e4 = screen_dist4(quad, qn);
-                d4 = std::array::from_fn(|l| d4[l].min(e4[l]));
+                d8 = _mm256_min_ps(d8, screen_partial8(oct, qn));
             }
-            // Most quads hold no filter within the limit: one vector compare tells.
-            // SAFETY: `d4` holds four f32; SSE (baseline) compares and mask.
-            let mut lanes = unsafe {
-                use std::arch::x86_64::*;
-                let d = _mm_loadu_ps(d4.as_ptr());
-                let near = _mm_or_ps(_mm_cmpngt_ps(d, _mm_set1_ps(*limit32)), _mm_cmpeq_ps(d, _mm_set1_ps(f32::INFINITY)));
-                _mm_movemask_ps(near) as u32
-            };
+            // Most groups hold no filter within the limit: one vector compare tells. NaN is not
+            // greater and goes on, as does an f32 overflow to ∞.
+            let near = _mm256_or_ps(
+                _mm256_cmp_ps::<_CMP_NGT_UQ>(d8, _mm256_set1_ps(*limit32)),
+                _mm256_cmp_ps::<_CMP_EQ_OQ>(d8, _mm256_set1_ps(f32::INFINITY)),
+            );
+            let mut lanes = _mm256_movemask_ps(near) as u32;
             while lanes != 0 {
                 let l = lanes.trailing_zeros() as usize;
                 lanes &= lanes - 1;
-                let d = d4[l];
-                // NaN is not greater and goes to the exact path, as does an f32 overflow to ∞
-                // (checked again: the limit may have fallen since the compare).
+                let Ok(f) = <&[u8; FILTER_BYTES]>::try_from(&oct[l * FILTER_BYTES..(l + 1) * FILTER_BYTES]) else { continue };
+                let mut d = screen_dist(f, q_lo, q_hi, q_8);
+                if SIGN {
+                    d = d.min(screen_dist(f, n_lo, n_hi, n_8));
+                }
+                // As in `scan_raw` (the limit may have fallen since the compare).
                 if d > *limit32 && d != f32::INFINITY {
                     continue;
                 }
-                let Ok(f) = <&[u8; FILTER_BYTES]>::try_from(&quad[l * FILTER_BYTES..(l + 1) * FILTER_BYTES]) else { continue };
                 let x = kernel_of(f);
                 let (d, flipped) = self.one(&x);
-                consider(4 * n + l, d, flipped, x, top);
+                consider(8 * n + l, d, flipped, x, top);
                 *limit32 = limit(top);
             }
         }
-        bytes.len() / (4 * FILTER_BYTES) * 4
+        bytes.len() / (8 * FILTER_BYTES) * 8
     }
 }
 
@@ -796,42 +804,58 @@ fn screen_dist(b: &[u8; FILTER_BYTES], q_lo: &[f32; 4], q_hi: &[f32; 4], q_8: f3
     (acc[0] + acc[1]) + (acc[2] + acc[3]) + t * t
 }
 
-/// [`screen_dist`] of four consecutive stored filters at once: per filter the same two
-/// 4-lane products summed lane-wise, then `(a0 + a1) + (a2 + a3)` by two rounds of horizontal
-/// adds, then the last value's square, so each result equals `screen_dist` bit for bit (a NaN
-/// up to its sign; tested). Inlined into [`ScanSpec::scan_quads_sse3`], which has SSE3.
+/// The sums of the first eight squared differences of eight consecutive stored filters (lane
+/// `i`: filter `i`), each as `((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))`, bit for bit
+/// the value of [`screen_partial8_one`] (a NaN up to its sign; tested): one unaligned load per
+/// filter, then three rounds of horizontal adds across the eight. Inlined into
+/// [`ScanSpec::scan_octs_avx2`], which has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn screen_dist4(b: &[u8; 4 * FILTER_BYTES], q: &[f32; 9]) -> [f32; 4] {
+fn screen_partial8(b: &[u8; 8 * FILTER_BYTES], q: &[f32; 9]) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let p = b.as_ptr().cast::<f32>();
-    // SAFETY: every load reads 16 bytes at f32 offsets 9f and 9f + 4 (f < 4), at most byte 140
-    // of the 144 (unaligned loads); x86 is little-endian, as the stored bytes are. The caller
-    // has SSE3 (`_mm_hadd_ps`).
+    // SAFETY: filter f's load reads 32 bytes at f32 offset 9f (f < 8), at most byte 284 of the
+    // 288, and the query's reads its first eight values (unaligned loads); x86 is
+    // little-endian, as the stored bytes are. The caller has AVX2.
     unsafe {
-        let (ql, qh) = (_mm_loadu_ps(q.as_ptr()), _mm_loadu_ps(q.as_ptr().add(4)));
-        let acc = |f: usize| {
-            let t = _mm_sub_ps(_mm_loadu_ps(p.add(9 * f)), ql);
-            let u = _mm_sub_ps(_mm_loadu_ps(p.add(9 * f + 4)), qh);
-            _mm_add_ps(_mm_mul_ps(t, t), _mm_mul_ps(u, u))
+        let ql = _mm256_loadu_ps(q.as_ptr());
+        let sq = |f: usize| {
+            let t = _mm256_sub_ps(_mm256_loadu_ps(p.add(9 * f)), ql);
+            _mm256_mul_ps(t, t)
         };
-        let sums = _mm_hadd_ps(_mm_hadd_ps(acc(0), acc(1)), _mm_hadd_ps(acc(2), acc(3)));
-        let v8 = _mm_setr_ps(p.add(8).read_unaligned(), p.add(17).read_unaligned(), p.add(26).read_unaligned(), p.add(35).read_unaligned());
-        let t = _mm_sub_ps(v8, _mm_set1_ps(q[8]));
-        let mut out = [0f32; 4];
-        _mm_storeu_ps(out.as_mut_ptr(), _mm_add_ps(sums, _mm_mul_ps(t, t)));
-        out
+        // Per 128-bit half (values 0-3, values 4-7): pairs, then fours, of each filter.
+        let h01 = _mm256_hadd_ps(sq(0), sq(1));
+        let h23 = _mm256_hadd_ps(sq(2), sq(3));
+        let h45 = _mm256_hadd_ps(sq(4), sq(5));
+        let h67 = _mm256_hadd_ps(sq(6), sq(7));
+        let g0 = _mm256_hadd_ps(h01, h23);
+        let g1 = _mm256_hadd_ps(h45, h67);
+        // Low halves (values 0-3 of filters 0-7) plus high halves (values 4-7).
+        _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(g0, g1), _mm256_permute2f128_ps::<0x31>(g0, g1))
     }
 }
 
-/// [`screen_dist4`] compiled with SSE3, for the test.
+/// [`screen_partial8`]'s sum for one filter, in the same order.
+#[cfg(all(test, target_arch = "x86_64"))]
+fn screen_partial8_one(b: &[u8; FILTER_BYTES], q: &[f32; 9]) -> f32 {
+    let s: [f32; 8] = std::array::from_fn(|k| {
+        let t = f32::from_le_bytes([b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]]) - q[k];
+        t * t
+    });
+    ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+}
+
+/// [`screen_partial8`] compiled with AVX2, for the test.
 ///
 /// # Safety
-/// The CPU must have SSE3.
+/// The CPU must have AVX2.
 #[cfg(all(test, target_arch = "x86_64"))]
-#[target_feature(enable = "sse3")]
-unsafe fn screen_dist4_sse3(b: &[u8; 4 * FILTER_BYTES], q: &[f32; 9]) -> [f32; 4] {
-    screen_dist4(b, q)
+#[target_feature(enable = "avx2")]
+unsafe fn screen_partial8_avx2(b: &[u8; 8 * FILTER_BYTES], q: &[f32; 9]) -> [f32; 8] {
+    let mut out = [0f32; 8];
+    // SAFETY: `out` holds eight f32; the caller has AVX2.
+    unsafe { std::arch::x86_64::_mm256_storeu_ps(out.as_mut_ptr(), screen_partial8(b, q)) };
+    out
 }
 
 fn check_kernel(k: &[f32; 9], what: &str) -> Result<()> {
@@ -1373,8 +1397,8 @@ mod tests {
 
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn the_four_wide_screen_equals_the_one_filter_screen_bit_for_bit() {
-        if !std::arch::is_x86_feature_detected!("sse3") {
+    fn the_eight_wide_partial_screen_equals_the_one_filter_sum_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
             return;
         }
         let mut x = 99u32;
@@ -1393,16 +1417,15 @@ mod tests {
                 3 => -0.0,
                 _ => ((next() % 20_001) as f32 - 10_000.0) * 1e-4,
             };
-            let quad: Vec<f32> = (0..36).map(&mut val).collect();
+            let oct: Vec<f32> = (0..72).map(&mut val).collect();
             let q: [f32; 9] = std::array::from_fn(&mut val);
-            let bytes: [u8; 4 * FILTER_BYTES] = std::array::from_fn(|i| quad[i / 4].to_le_bytes()[i % 4]);
-            let (lo, hi, q8) = split_query(&q);
-            // SAFETY: SSE3 is present (checked above).
-            let four = unsafe { screen_dist4_sse3(&bytes, &q) };
-            for l in 0..4 {
-                let one = screen_dist(bytes[l * FILTER_BYTES..(l + 1) * FILTER_BYTES].try_into().unwrap(), &lo, &hi, q8);
+            let bytes: [u8; 8 * FILTER_BYTES] = std::array::from_fn(|i| oct[i / 4].to_le_bytes()[i % 4]);
+            // SAFETY: AVX2 is present (checked above).
+            let eight = unsafe { screen_partial8_avx2(&bytes, &q) };
+            for l in 0..8 {
+                let one = screen_partial8_one(bytes[l * FILTER_BYTES..(l + 1) * FILTER_BYTES].try_into().unwrap(), &q);
                 // (A NaN's sign may differ; the screen treats every NaN alike.)
-                assert!(four[l].to_bits() == one.to_bits() || (four[l].is_nan() && one.is_nan()), "round {round}, filter {l}: {} {one}", four[l]);
+                assert!(eight[l].to_bits() == one.to_bits() || (eight[l].is_nan() && one.is_nan()), "round {round}, filter {l}: {} {one}", eight[l]);
             }
         }
     }
@@ -1494,13 +1517,16 @@ mod tests {
             stats: crate::stats::LayerStats::default(),
         };
         // The last query is so far from every filter that each f32 screen distance overflows
-        // to ∞: all of them must reach the exact path, four at a time or one by one.
+        // to ∞: all of them must reach the exact path, eight at a time or one by one.
         for q in [base, [0.0; 9], [f32::from_bits(7); 9], base.map(|v| -v), base.map(|v| v + 3.0), base.map(|v| -v - 3.0), base.map(|v| v * -3e19)] {
             for sign in [false, true] {
                 for k in [1, 7, 64] {
                     let s = spec(&Metric::Raw, &q, sign);
                     let mut top = TopK::new(k);
-                    s.scan(0, &layer, 0, &bytes, &mut top, &AtomicU64::new(f64::INFINITY.to_bits()));
+                    // In two runs, so both end in filters left over from whole groups of eight.
+                    let shared = AtomicU64::new(f64::INFINITY.to_bits());
+                    s.scan(0, &layer, 0, &bytes[..3995 * FILTER_BYTES], &mut top, &shared);
+                    s.scan(0, &layer, 3995, &bytes[3995 * FILTER_BYTES..], &mut top, &shared);
                     let mut got = top.heap.into_vec();
                     got.sort();
                     let mut want: Vec<(f64, u64)> = filters
