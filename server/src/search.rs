@@ -593,10 +593,12 @@ impl ScanSpec<'_> {
             Metric::Raw => {
                 // Screen in f32, then the exact f64 distance for the few that may enter the
                 // heap. The f32 sum of 9 squared differences is within a relative 12u
-                // (u = 2⁻²⁴) of the exact value: each difference, square and addition is one
-                // correctly rounded f32 operation on non-negative terms; underflow adds at most
-                // 9·2⁻¹⁴⁹ in absolute terms. So a filter whose f32 distance exceeds
-                // bound·(1 + 2⁻¹⁹) + 2⁻¹²⁰ cannot reach the heap, and skipping it changes nothing.
+                // (u = 2⁻²⁴) of the exact value: each difference, square and addition (or fused
+                // square-and-add) is one correctly rounded f32 operation on non-negative terms;
+                // underflow adds at most 9·2⁻¹⁴⁹ in absolute terms. So a filter whose f32
+                // distance exceeds bound·(1 + 2⁻¹⁹) + 2⁻¹²⁰ cannot reach the heap, and skipping
+                // it changes nothing. A sum of fewer of the squares is within the same bound of
+                // a value no greater, so it may screen too.
                 let q = self.q.map(|v| v as f32);
                 match self.q_neg.map(|n| n.map(|v| v as f32)) {
                     None => self.scan_raw::<false>(bytes, &q, &q, top, shared, consider),
@@ -662,12 +664,12 @@ impl ScanSpec<'_> {
         let mut limit32 = limit(top);
         let (q_lo, q_hi, q_8) = split_query(q);
         let (n_lo, n_hi, n_8) = split_query(qn);
-        // Eight filters at a time where the CPU has AVX2, screened first on their first eight
-        // values (see `scan_octs_avx2`), the rest one by one.
+        // Eight filters at a time where the CPU has AVX2 and FMA, screened first on their
+        // first eight values (see `scan_octs_avx2`), the rest one by one.
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 is present (checked above).
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: AVX2 and FMA are present (checked above).
             done = unsafe { self.scan_octs_avx2::<SIGN>(bytes, (q, qn), (&q_lo, &q_hi, q_8), (&n_lo, &n_hi, n_8), top, &mut limit32, &limit, &mut consider) };
         }
         for (i, f) in bytes.chunks_exact(FILTER_BYTES).enumerate().skip(done) {
@@ -698,9 +700,9 @@ impl ScanSpec<'_> {
     /// all nine values (`screen_dist`) before the exact distance.
     ///
     /// # Safety
-    /// The CPU must have AVX2.
+    /// The CPU must have AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn scan_octs_avx2<const SIGN: bool>(
         &self,
@@ -810,10 +812,11 @@ fn screen_dist(b: &[u8; FILTER_BYTES], q_lo: &[f32; 4], q_hi: &[f32; 4], q_8: f3
 }
 
 /// The sums of the first eight squared differences of eight consecutive stored filters (lane
-/// `i`: filter `i`), each as `((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))`, bit for bit
-/// the value of [`screen_partial8_one`] (a NaN up to its sign; tested): one unaligned load per
-/// filter, then three rounds of horizontal adds across the eight. Inlined into
-/// [`ScanSpec::scan_octs_avx2`], which has AVX2.
+/// `i`: filter `i`), each as `((d0² + d1²) + (d2² + d3²)) + ((d4² + d5²) + (d6² + d7²))` with
+/// the first sum of each pair fused (`d0·d0 + d1²` rounded once), bit for bit the value of
+/// [`screen_partial8_one`] (a NaN up to its sign; tested): one unaligned load per filter, then
+/// the differences transposed and summed in three rounds of interleaves. Inlined into
+/// [`ScanSpec::scan_octs_avx2`], which has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn screen_partial8(b: &[u8; 8 * FILTER_BYTES], q: &[f32; 9]) -> std::arch::x86_64::__m256 {
@@ -821,44 +824,42 @@ fn screen_partial8(b: &[u8; 8 * FILTER_BYTES], q: &[f32; 9]) -> std::arch::x86_6
     let p = b.as_ptr().cast::<f32>();
     // SAFETY: filter f's load reads 32 bytes at f32 offset 9f (f < 8), at most byte 284 of the
     // 288, and the query's reads its first eight values (unaligned loads); x86 is
-    // little-endian, as the stored bytes are. The caller has AVX2.
+    // little-endian, as the stored bytes are. The caller has AVX2 and FMA.
     unsafe {
         let ql = _mm256_loadu_ps(q.as_ptr());
-        let sq = |f: usize| {
-            let t = _mm256_sub_ps(_mm256_loadu_ps(p.add(9 * f)), ql);
-            _mm256_mul_ps(t, t)
+        let d = |f: usize| _mm256_sub_ps(_mm256_loadu_ps(p.add(9 * f)), ql);
+        // Filters a and b interleaved, per 128-bit half [a, b, a, b]: the squares of values 0
+        // and 2, then 1 and 3 (4 and 6, 5 and 7 in the high half), summed.
+        let pair = |a: __m256, b: __m256| {
+            let (lo, hi) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+            _mm256_fmadd_ps(lo, lo, _mm256_mul_ps(hi, hi))
         };
-        // Per 128-bit half (values 0-3, values 4-7): pairs, then fours, of each filter.
-        let h01 = _mm256_hadd_ps(sq(0), sq(1));
-        let h23 = _mm256_hadd_ps(sq(2), sq(3));
-        let h45 = _mm256_hadd_ps(sq(4), sq(5));
-        let h67 = _mm256_hadd_ps(sq(6), sq(7));
-        let g0 = _mm256_hadd_ps(h01, h23);
-        let g1 = _mm256_hadd_ps(h45, h67);
+        let (u01, u23, u45, u67) = (pair(d(0), d(1)), pair(d(2), d(3)), pair(d(4), d(5)), pair(d(6), d(7)));
+        // Per half: the four filters' (0+2) + (1+3) sums, in filter order.
+        let w0 = _mm256_add_ps(_mm256_shuffle_ps::<0x44>(u01, u23), _mm256_shuffle_ps::<0xEE>(u01, u23));
+        let w1 = _mm256_add_ps(_mm256_shuffle_ps::<0x44>(u45, u67), _mm256_shuffle_ps::<0xEE>(u45, u67));
         // Low halves (values 0-3 of filters 0-7) plus high halves (values 4-7).
-        _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(g0, g1), _mm256_permute2f128_ps::<0x31>(g0, g1))
+        _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(w0, w1), _mm256_permute2f128_ps::<0x31>(w0, w1))
     }
 }
 
-/// [`screen_partial8`]'s sum for one filter, in the same order.
+/// [`screen_partial8`]'s sum for one filter, in the same order and with the same fused steps.
 #[cfg(all(test, target_arch = "x86_64"))]
 fn screen_partial8_one(b: &[u8; FILTER_BYTES], q: &[f32; 9]) -> f32 {
-    let s: [f32; 8] = std::array::from_fn(|k| {
-        let t = f32::from_le_bytes([b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]]) - q[k];
-        t * t
-    });
-    ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+    let d: [f32; 8] = std::array::from_fn(|k| f32::from_le_bytes([b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]]) - q[k]);
+    let pair = |i: usize, j: usize| d[i].mul_add(d[i], d[j] * d[j]);
+    (pair(0, 2) + pair(1, 3)) + (pair(4, 6) + pair(5, 7))
 }
 
-/// [`screen_partial8`] compiled with AVX2, for the test.
+/// [`screen_partial8`] compiled with AVX2 and FMA, for the test.
 ///
 /// # Safety
-/// The CPU must have AVX2.
+/// The CPU must have AVX2 and FMA.
 #[cfg(all(test, target_arch = "x86_64"))]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn screen_partial8_avx2(b: &[u8; 8 * FILTER_BYTES], q: &[f32; 9]) -> [f32; 8] {
     let mut out = [0f32; 8];
-    // SAFETY: `out` holds eight f32; the caller has AVX2.
+    // SAFETY: `out` holds eight f32; the caller has AVX2 and FMA.
     unsafe { std::arch::x86_64::_mm256_storeu_ps(out.as_mut_ptr(), screen_partial8(b, q)) };
     out
 }
@@ -1408,7 +1409,7 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn the_eight_wide_partial_screen_equals_the_one_filter_sum_bit_for_bit() {
-        if !std::arch::is_x86_feature_detected!("avx2") {
+        if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
             return;
         }
         let mut x = 99u32;
@@ -1430,7 +1431,7 @@ mod tests {
             let oct: Vec<f32> = (0..72).map(&mut val).collect();
             let q: [f32; 9] = std::array::from_fn(&mut val);
             let bytes: [u8; 8 * FILTER_BYTES] = std::array::from_fn(|i| oct[i / 4].to_le_bytes()[i % 4]);
-            // SAFETY: AVX2 is present (checked above).
+            // SAFETY: AVX2 and FMA are present (checked above).
             let eight = unsafe { screen_partial8_avx2(&bytes, &q) };
             for l in 0..8 {
                 let one = screen_partial8_one(bytes[l * FILTER_BYTES..(l + 1) * FILTER_BYTES].try_into().unwrap(), &q);
