@@ -652,10 +652,13 @@ impl ScanSpec<'_> {
         // The screen's limit, rounded up to an f32 so the hot loop compares in f32.
         let limit = |top: &TopK| {
             let b = top.bound();
-            if b.is_finite() {
+            let mut g = f64::from_bits(shared.load(Ordering::Relaxed));
+            // A plain load first: a locked update of the line every item shares, at each run
+            // of each item, cost more than the scan of a small layer.
+            if b.is_finite() && b < g {
                 shared.fetch_min(b.to_bits(), Ordering::Relaxed);
+                g = b;
             }
-            let g = f64::from_bits(shared.load(Ordering::Relaxed));
             // (`min` ignores a NaN bound, which rejects nothing anyway.)
             let l = b.min(g) * (1.0 + SCREEN_REL) + SCREEN_ABS;
             let l32 = l as f32;
