@@ -890,6 +890,16 @@ impl List {
     }
 }
 
+thread_local! {
+    /// A probe's pass-1 distances and groups, kept between the queries a thread answers: grown
+    /// afresh for each query, they were a tenth of an approximate query (reallocation and copy).
+    static PROBE_SCRATCH: std::cell::RefCell<(Vec<[f32; SKIP]>, Vec<GroupRef>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Pass-1 distance groups a thread keeps between probes (4 MiB); a probe that needed more
+/// frees them after use.
+const PROBE_SCRATCH_KEEP: usize = 16_384;
+
 /// A group of [`SKIP`] entries whose code distances pass 1 computed.
 #[derive(Debug, Clone, Copy)]
 struct GroupRef {
@@ -1425,30 +1435,37 @@ impl Index {
         // stops at the first group whose nearest code is beyond the worst kept — most groups'
         // ids are never decoded.
         let scan = |cells: &[usize]| -> (Best, u64) {
-            let (mut dists, mut groups, mut eps) = (Vec::new(), Vec::new(), Vec::with_capacity(cells.len()));
-            let mut codes = 0u64;
-            for (slot, &c) in cells.iter().enumerate() {
-                let (cq, e) = q.cell_query(c, qs);
-                eps.push(e);
-                codes += self.lists[c].distances_in(ranges, &cq, kernel, slot as u32, &mut dists, &mut groups);
-            }
-            groups.sort_unstable_by(|a, b| a.min.total_cmp(&b.min));
-            let mut best = Best::new(m);
-            for gr in &groups {
-                if gr.min > best.worst {
-                    break;
+            PROBE_SCRATCH.with_borrow_mut(|(dists, groups)| {
+                dists.clear();
+                groups.clear();
+                let mut eps = Vec::with_capacity(cells.len());
+                let mut codes = 0u64;
+                for (slot, &c) in cells.iter().enumerate() {
+                    let (cq, e) = q.cell_query(c, qs);
+                    eps.push(e);
+                    codes += self.lists[c].distances_in(ranges, &cq, kernel, slot as u32, dists, groups);
                 }
-                let list = &self.lists[cells[gr.slot as usize]];
-                let eps = eps[gr.slot as usize];
-                let clamped = list.clamped_in(gr.group as usize);
-                let mut worst = best.worst;
-                list.visit(gr.group as usize, &dists[gr.dists as usize], ranges, 0, &mut worst, |id, i, d, worst| {
-                    let eps = if clamped >> (i % SKIP) & 1 == 1 { f32::INFINITY } else { eps };
-                    best.offer(Approx { d, id, eps });
-                    *worst = best.worst;
-                });
-            }
-            (best, codes)
+                groups.sort_unstable_by(|a, b| a.min.total_cmp(&b.min));
+                let mut best = Best::new(m);
+                for gr in groups.iter() {
+                    if gr.min > best.worst {
+                        break;
+                    }
+                    let list = &self.lists[cells[gr.slot as usize]];
+                    let eps = eps[gr.slot as usize];
+                    let clamped = list.clamped_in(gr.group as usize);
+                    let mut worst = best.worst;
+                    list.visit(gr.group as usize, &dists[gr.dists as usize], ranges, 0, &mut worst, |id, i, d, worst| {
+                        let eps = if clamped >> (i % SKIP) & 1 == 1 { f32::INFINITY } else { eps };
+                        best.offer(Approx { d, id, eps });
+                        *worst = best.worst;
+                    });
+                }
+                if dists.capacity() > PROBE_SCRATCH_KEEP {
+                    *dists = Vec::new();
+                }
+                (best, codes)
+            })
         };
         let work: usize = cells.iter().map(|&c| self.lists[c].len()).sum();
         let (best, codes) = if work < 65_536 {
