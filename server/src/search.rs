@@ -33,7 +33,7 @@ use crate::quality::{self, Basis};
 use crate::selection::Pred;
 use crate::store::{BlockCheck, FilterCursor, StoreError};
 use crate::store::keys::{BLOCK_FILTERS, FILTER_BYTES};
-use crate::store::records::ModelRecord;
+use crate::store::records::{LayerSpan, ModelRecord};
 
 /// Neighbours returned when a request leaves k at 0.
 pub const DEFAULT_K: usize = 10;
@@ -159,6 +159,8 @@ pub(crate) struct SelectionPlan {
     generation: u64,
     /// Selected layers with their models, in layer-id order.
     layers: Vec<(Arc<ModelRecord>, Arc<CatalogLayer>)>,
+    /// What the scan needs of each selected layer, by slot (as `layers`).
+    slots: Vec<ScanSlot>,
     /// (first filter id, slot) of the non-empty layers, ascending.
     by_first: Vec<(u64, usize)>,
     /// Every [`LOCATE_STRIDE`]th first filter id of `by_first`: [`SelectionPlan::locate`]
@@ -172,6 +174,23 @@ pub(crate) struct SelectionPlan {
     filters: u64,
     /// Ranges over the index, for one index state.
     ann: std::sync::Mutex<Option<Arc<AnnPlan>>>,
+}
+
+/// What a scan needs of a selected layer, kept together per slot: reading a layer's
+/// catalogue entry (its record, its statistics) was a cache miss or two per layer, a fifth of
+/// a scan over the benchmark's 36,000 small layers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ScanSlot {
+    span: LayerSpan,
+    first_filter_id: u64,
+    /// The layer's largest |value| (the sparse-filter condition's reference).
+    abs_max: f64,
+}
+
+impl From<&CatalogLayer> for ScanSlot {
+    fn from(l: &CatalogLayer) -> Self {
+        ScanSlot { span: (&l.record).into(), first_filter_id: l.record.first_filter_id, abs_max: l.stats.abs_max }
+    }
 }
 
 /// The selection over one index state: merged filter-id ranges of indexed layers, the slots
@@ -560,9 +579,9 @@ impl ScanSpec<'_> {
     /// `shared` holds (as f64 bits) the smallest k-th distance any full heap of this query has
     /// reached: a filter farther than that cannot be among the k nearest, whichever work item
     /// finds it (the raw screen uses it).
-    fn scan(&self, slot: usize, layer: &CatalogLayer, start: u64, bytes: &[u8], top: &mut TopK, shared: &AtomicU64) {
-        let first_id = layer.record.first_filter_id + start;
-        let abs_max = layer.stats.abs_max;
+    fn scan(&self, slot: usize, layer: &ScanSlot, start: u64, bytes: &[u8], top: &mut TopK, shared: &AtomicU64) {
+        let first_id = layer.first_filter_id + start;
+        let abs_max = layer.abs_max;
         let threshold = if abs_max == 0.0 {
             1.0
         } else {
@@ -994,7 +1013,7 @@ impl Engine {
             IndexAnswer::Declined(reason) => plan.reason = reason,
         }
         let exact_slots = exact_slots.unwrap_or_else(|| (0..layers.len()).collect());
-        let (parts, from_view) = self.scan_exact(layers, &exact_slots, &spec, q.k, &snapshot)?;
+        let (parts, from_view) = self.scan_exact(&sel_plan.slots, &exact_slots, &spec, q.k, &snapshot)?;
         drop(snapshot);
         let mut all: Vec<Candidate> = parts.into_iter().flat_map(|t| t.heap.into_vec()).chain(candidates).collect();
         all.sort_unstable();
@@ -1014,7 +1033,7 @@ impl Engine {
                 }
             })
             .collect();
-        let exact_filters: u64 = exact_slots.iter().map(|&s| layers[s].1.record.n_filters).sum();
+        let exact_filters: u64 = exact_slots.iter().map(|&s| sel_plan.slots[s].span.n_filters).sum();
         if exact_filters > 0 {
             plan.reason.push_str(&format!(" ({from_view} of the {exact_filters} filters scanned read from the pinned block view)"));
         }
@@ -1042,7 +1061,7 @@ impl Engine {
     /// bounded heap, and the items share the best k-th distance reached so far.
     fn scan_exact(
         &self,
-        layers: &[(Arc<ModelRecord>, Arc<CatalogLayer>)],
+        layers: &[ScanSlot],
         slots: &[usize],
         spec: &ScanSpec<'_>,
         k: usize,
@@ -1051,7 +1070,7 @@ impl Engine {
         // A selection smaller than a chunk per thread is cut into one item per thread (of at
         // least a block), so a small scan still reads with every core; one smaller than
         // `SCAN_ALONE_BELOW` is one item.
-        let total: u64 = slots.iter().map(|&slot| layers[slot].1.record.n_filters).sum();
+        let total: u64 = slots.iter().map(|&slot| layers[slot].span.n_filters).sum();
         let chunk = if total < SCAN_ALONE_BELOW {
             total.max(1)
         } else {
@@ -1061,7 +1080,7 @@ impl Engine {
         let mut current: Vec<(usize, u64, u64)> = Vec::new();
         let mut filled = 0u64;
         for &slot in slots {
-            let n = layers[slot].1.record.n_filters;
+            let n = layers[slot].span.n_filters;
             let mut s = 0;
             while s < n {
                 let e = (s + chunk - filled).min(n);
@@ -1086,11 +1105,11 @@ impl Engine {
             // The cursor stops after the last block any piece needs.
             let until = pieces
                 .iter()
-                .map(|&(slot, _, e)| (layers[slot].1.record.layer_id, ((e - 1) / BLOCK_FILTERS) as u32 + 1))
+                .map(|&(slot, _, e)| (layers[slot].span.layer_id, ((e - 1) / BLOCK_FILTERS) as u32 + 1))
                 .max();
             let mut cursor = self.store.filter_cursor(Some(snapshot), until, BlockCheck::Trusted)?.with_view(view.clone());
             for &(slot, s, e) in pieces {
-                self.scan_part(&mut cursor, spec, slot, &layers[slot].1, (s, e), &mut top, &shared)?;
+                self.scan_part(&mut cursor, spec, slot, &layers[slot], (s, e), &mut top, &shared)?;
             }
             Ok((top, cursor.view_reads()))
         };
@@ -1113,15 +1132,15 @@ impl Engine {
         cursor: &mut FilterCursor<'_>,
         spec: &ScanSpec<'_>,
         slot: usize,
-        layer: &CatalogLayer,
+        layer: &ScanSlot,
         (s, e): (u64, u64),
         top: &mut TopK,
         shared: &AtomicU64,
     ) -> Result<bool> {
-        match cursor.for_each_run(&layer.record, s, e, |first, bytes| spec.scan(slot, layer, first, bytes, top, shared)) {
+        match cursor.for_each_run(layer.span, s, e, |first, bytes| spec.scan(slot, layer, first, bytes, top, shared)) {
             Ok(()) => Ok(true),
-            Err(err) if self.layer_deleted(layer.record.layer_id) => {
-                tracing::debug!(layer = layer.record.layer_id, %err, "layer deleted during a search; skipped");
+            Err(err) if self.layer_deleted(layer.span.layer_id) => {
+                tracing::debug!(layer = layer.span.layer_id, %err, "layer deleted during a search; skipped");
                 Ok(false)
             }
             Err(err) => Err(err.into()),
@@ -1149,7 +1168,6 @@ impl Engine {
         let Some(ix) = guard.as_ref() else {
             return Ok(IndexAnswer::Declined("no search index is built yet (see `filterdb search-index`)".into()));
         };
-        let layers = &plan.layers[..];
         let ann = plan.ann_plan(ix);
         let (ranges, unindexed, indexed_filters) = (&ann.ranges, ann.unindexed.clone(), ann.indexed_filters);
         let nlist = ix.quantizer.nlist();
@@ -1184,7 +1202,7 @@ impl Engine {
                 break;
             }
             let Some((slot, idx)) = plan.locate(c.id) else { continue };
-            let layer = &layers[slot].1;
+            let layer = &plan.slots[slot];
             // From the pinned block view, or through the cursor: an iterator hands out the
             // block in place, where a point read (`get_pinned`) copied the whole 147 KiB block.
             let shared = AtomicU64::new(f64::INFINITY.to_bits());
@@ -1252,8 +1270,8 @@ impl Engine {
         // engine's write lock here.
         let walked = ix.exact_walk(qs, &ann.ranges, budget, |id| -> std::result::Result<f64, StoreError> {
             if let Some((slot, idx)) = plan.locate(id) {
-                let layer = &plan.layers[slot].1;
-                cursor.for_each_run(&layer.record, idx, idx + 1, |first, bytes| spec.scan(slot, layer, first, bytes, &mut top, &shared))?;
+                let layer = &plan.slots[slot];
+                cursor.for_each_run(layer.span, idx, idx + 1, |first, bytes| spec.scan(slot, layer, first, bytes, &mut top, &shared))?;
             }
             Ok(top.bound())
         });
@@ -1304,7 +1322,8 @@ impl Engine {
         let filters = layers.iter().map(|(_, l)| l.record.n_filters).sum();
         let coarse = by_first.iter().step_by(LOCATE_STRIDE).map(|x| x.0).collect();
         let lens = by_first.iter().map(|&(_, s)| layers[s].1.record.n_filters).collect();
-        let plan = Arc::new(SelectionPlan { generation, layers, by_first, coarse, lens, filters, ann: std::sync::Mutex::new(None) });
+        let slots = layers.iter().map(|(_, l)| ScanSlot::from(&**l)).collect();
+        let plan = Arc::new(SelectionPlan { generation, layers, slots, by_first, coarse, lens, filters, ann: std::sync::Mutex::new(None) });
         if cache.len() >= 256 {
             cache.clear();
         }
@@ -1539,8 +1558,8 @@ mod tests {
                     let mut top = TopK::new(k);
                     // In two runs, so both end in filters left over from whole groups of eight.
                     let shared = AtomicU64::new(f64::INFINITY.to_bits());
-                    s.scan(0, &layer, 0, &bytes[..3995 * FILTER_BYTES], &mut top, &shared);
-                    s.scan(0, &layer, 3995, &bytes[3995 * FILTER_BYTES..], &mut top, &shared);
+                    s.scan(0, &ScanSlot::from(&layer), 0, &bytes[..3995 * FILTER_BYTES], &mut top, &shared);
+                    s.scan(0, &ScanSlot::from(&layer), 3995, &bytes[3995 * FILTER_BYTES..], &mut top, &shared);
                     let mut got = top.heap.into_vec();
                     got.sort();
                     let mut want: Vec<(f64, u64)> = filters

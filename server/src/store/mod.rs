@@ -780,7 +780,8 @@ impl FilterCursor<'_> {
     /// index `first` of the layer, borrowed from RocksDB without a copy (the filter-block CF
     /// reads through mmap, uncompressed). Errors when a block is missing or short. Seeks only
     /// when the cursor is not already on the first block wanted.
-    pub fn for_each_run(&mut self, layer: &LayerRecord, start: u64, end: u64, mut f: impl FnMut(u64, &[u8])) -> Result<()> {
+    pub fn for_each_run(&mut self, layer: impl Into<LayerSpan>, start: u64, end: u64, mut f: impl FnMut(u64, &[u8])) -> Result<()> {
+        let layer = layer.into();
         let end = end.min(layer.n_filters);
         if start >= end {
             return Ok(());

@@ -83,6 +83,23 @@ pub struct ModelRecord {
     pub excluded_tensors: Vec<String>,
 }
 
+/// What reading a layer's stored blocks needs of its record: its id and filter count. Kept
+/// apart where many layers are read in turn (a scan's slots), so that a read does not touch
+/// the whole record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerSpan {
+    /// Dense id.
+    pub layer_id: u64,
+    /// Filters in the layer.
+    pub n_filters: u64,
+}
+
+impl From<&LayerRecord> for LayerSpan {
+    fn from(l: &LayerRecord) -> Self {
+        LayerSpan { layer_id: l.layer_id, n_filters: l.n_filters }
+    }
+}
+
 /// A stored 3x3 layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerRecord {

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use rocksdb::{DB, DBRawIteratorWithThreadMode, ReadOptions};
 
 use super::keys::{BLOCK_FILTERS, CF_FILTER_BLOCKS, FILTER_BYTES};
-use super::records::LayerRecord;
+use super::records::LayerSpan;
 use super::{Result, Store, StoreError};
 
 type PinningIter<'a> = DBRawIteratorWithThreadMode<'a, DB>;
@@ -79,7 +79,8 @@ impl BlockView {
     }
 
     /// The stored bytes of filter `idx` of `layer` (36 bytes), when the view holds its block.
-    pub fn filter(&self, layer: &LayerRecord, idx: u64) -> Option<&[u8]> {
+    pub fn filter(&self, layer: impl Into<LayerSpan>, idx: u64) -> Option<&[u8]> {
+        let layer = layer.into();
         if idx >= layer.n_filters {
             return None;
         }
@@ -90,7 +91,8 @@ impl BlockView {
     /// Calls `f(first, bytes)` for the filters `[start, end)` of `layer`, one run per block,
     /// as [`super::FilterCursor::for_each_run`] does, when the view holds every block of the
     /// range with all the filters asked for; otherwise returns false without calling `f`.
-    pub fn for_each_run(&self, layer: &LayerRecord, start: u64, end: u64, f: &mut impl FnMut(u64, &[u8])) -> bool {
+    pub fn for_each_run(&self, layer: impl Into<LayerSpan>, start: u64, end: u64, f: &mut impl FnMut(u64, &[u8])) -> bool {
+        let layer = layer.into();
         let end = end.min(layer.n_filters);
         if start >= end {
             return true;
