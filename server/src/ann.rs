@@ -33,7 +33,10 @@
 //! then the groups are visited in order of their nearest code, their ids decoded and
 //! intersected with the selection, until the nearest code of the next group is beyond the
 //! `k · rerank`-th best kept (pass 2); the kept candidates' exact distances (the exact mode's
-//! formula, bit for bit) decide the answer.
+//! formula, bit for bit) decide the answer. A selection of at most half the store keeps its
+//! entries of each list as bits ([`SelectionMasks`], resolved per list on first use), so that
+//! pass 1 computes only groups holding a selected entry and a group's nearest code is its
+//! nearest *selected* code: pass 2 then visits only groups it may take from.
 //!
 //! The exact mode uses the same lists with bounds instead of a probe count
 //! ([`Index::exact_walk`]): per cell, the box and radius of its unclamped codes and a box per
@@ -789,11 +792,48 @@ impl List {
         end - start
     }
 
+    /// Which of the list's entries have an id in `ranges` (sorted, disjoint, half-open): per
+    /// group, bit j for entry j. Ids ascend strictly, so a group's ids lie below the next
+    /// group's first: a group wholly inside one range or wholly between two is settled from the
+    /// skip table; only a group that a range boundary crosses has its ids decoded.
+    fn selection_mask(&self, ranges: &[(u64, u64)]) -> Box<[u64]> {
+        let mut out = vec![0u64; self.skips.len()];
+        let mut ids = [0u64; SKIP];
+        let mut r = 0;
+        for (g, o) in out.iter_mut().enumerate() {
+            let first = self.skips[g].0;
+            let next_first = self.skips.get(g + 1).map_or(u64::MAX, |s| s.0);
+            while r < ranges.len() && ranges[r].1 <= first {
+                r += 1;
+            }
+            let Some(&(a, b)) = ranges.get(r) else { break };
+            if a >= next_first {
+                continue;
+            }
+            let len = (self.len() - g * SKIP).min(SKIP);
+            if a <= first && b >= next_first {
+                *o = if len < SKIP { (1u64 << len) - 1 } else { u64::MAX };
+                continue;
+            }
+            self.group_ids(g, &mut ids);
+            let mut k = r;
+            for (j, id) in ids[..len].iter().enumerate() {
+                while k < ranges.len() && ranges[k].1 <= *id {
+                    k += 1;
+                }
+                if k < ranges.len() && *id >= ranges[k].0 {
+                    *o |= 1 << j;
+                }
+            }
+        }
+        out.into_boxed_slice()
+    }
+
     /// Pass 1 of a probe: the code distances of every group that may hold an entry of
     /// `ranges` (sorted, disjoint, half-open; groups that lie wholly between ranges are skipped),
     /// appended to `dists`, with a [`GroupRef`] per group (`slot` names the list) in `groups`.
     /// Returns the codes whose distance was computed.
-    fn distances_in(&self, ranges: &[(u64, u64)], cq: &CellQuery, kernel: Kernel, slot: u32, dists: &mut Vec<[f32; SKIP]>, groups: &mut Vec<GroupRef>) -> u64 {
+    fn distances_in(&self, sel: ListSel<'_>, cq: &CellQuery, kernel: Kernel, slot: u32, dists: &mut Vec<[f32; SKIP]>, groups: &mut Vec<GroupRef>) -> u64 {
         let n = self.len();
         let mut computed = 0u64;
         let mut tail = [0i8; 9 * SKIP];
@@ -801,7 +841,23 @@ impl List {
         // bytes are nine cache lines, and the groups of a narrow selection lie apart: fetched
         // one group at a time, each waited for its own misses), then the distances.
         let todo_from = groups.len();
+        let mut todo = |g: usize, groups: &mut Vec<GroupRef>| {
+            if let Some(c) = self.codes.get(g * 9 * SKIP..(g + 1) * 9 * SKIP) {
+                for line in (0..9 * SKIP).step_by(64) {
+                    crate::search::prefetch(c, line);
+                }
+            }
+            groups.push(GroupRef { min: 0.0, slot, group: g as u32, dists: dists.len() as u32 });
+            dists.push([f32::INFINITY; SKIP]);
+        };
+        let ranges = sel.ranges;
         let (mut r, mut g) = (0, 0);
+        if let Some(mask) = sel.mask {
+            for (g, _) in mask.iter().enumerate().filter(|(_, m)| **m != 0) {
+                todo(g, groups);
+            }
+            g = self.skips.len();
+        }
         while g < self.skips.len() && r < ranges.len() {
             let first = self.skips[g].0;
             let next_first = self.skips.get(g + 1).map_or(u64::MAX, |s| s.0);
@@ -819,13 +875,7 @@ impl List {
                 g = j.saturating_sub(1).max(g + 1);
                 continue;
             }
-            if let Some(c) = self.codes.get(g * 9 * SKIP..(g + 1) * 9 * SKIP) {
-                for line in (0..9 * SKIP).step_by(64) {
-                    crate::search::prefetch(c, line);
-                }
-            }
-            groups.push(GroupRef { min: 0.0, slot, group: g as u32, dists: dists.len() as u32 });
-            dists.push([f32::INFINITY; SKIP]);
+            todo(g, groups);
             g += 1;
         }
         for gr in &mut groups[todo_from..] {
@@ -837,16 +887,17 @@ impl List {
                     &tail[..]
                 }
             };
-            let d = &mut dists[gr.dists as usize];
-            let mut min = kernel.group(codes, cq, d);
+            // The zero padding of the last, partial group is no entry; with a mask, only the
+            // selected entries count: the group's minimum is theirs, so the walk orders and
+            // stops by what it may take.
             let len = (n - g * SKIP).min(SKIP);
-            if len < SKIP {
-                // The zero padding of the last, partial group is no entry.
-                d[len..].fill(f32::INFINITY);
-                min = slice_min(d);
-            }
-            gr.min = min;
-            computed += len as u64;
+            let keep = match sel.mask.and_then(|m| m.get(g)) {
+                Some(&bits) => bits,
+                None if len < SKIP => (1u64 << len) - 1,
+                None => u64::MAX,
+            };
+            gr.min = kernel.group(codes, cq, keep, &mut dists[gr.dists as usize]);
+            computed += u64::from(keep.count_ones());
         }
         computed
     }
@@ -854,12 +905,12 @@ impl List {
     /// Pass 2: calls `f(id, entry, distance, worst)` for the entries of group `g` whose id lies
     /// in one of `ranges` and whose distance (`dist`, from pass 1) is at most `*worst` (which
     /// `f` may lower), or whose bit is set in `always` (bit j: entry j of the group).
-    fn visit(&self, g: usize, dist: &[f32; SKIP], ranges: &[(u64, u64)], always: u64, worst: &mut f32, mut f: impl FnMut(u64, usize, f32, &mut f32)) {
+    fn visit(&self, g: usize, dist: &[f32; SKIP], sel: ListSel<'_>, always: u64, worst: &mut f32, mut f: impl FnMut(u64, usize, f32, &mut f32)) {
         let mut ids = [0u64; SKIP];
         let len = self.group_ids(g, &mut ids);
         // The entries within the current worst (a vectorised compare; most are not), then
         // those alone, in order, each checked again as `f` lowers the worst, and against the
-        // ranges (ids ascend, so one forward walk).
+        // selection: its mask's bits, or the ranges (ids ascend, so one forward walk).
         let mut near = always;
         for (j, d) in dist.iter().enumerate() {
             if *d <= *worst {
@@ -869,6 +920,18 @@ impl List {
         if len < SKIP {
             near &= (1u64 << len) - 1;
         }
+        if let Some(mask) = sel.mask {
+            near &= mask.get(g).copied().unwrap_or(0);
+            while near != 0 {
+                let j = near.trailing_zeros() as usize;
+                near &= near - 1;
+                if dist[j] <= *worst || always >> j & 1 == 1 {
+                    f(ids[j], g * SKIP + j, dist[j], worst);
+                }
+            }
+            return;
+        }
+        let ranges = sel.ranges;
         let mut r = ranges.partition_point(|x| x.1 <= ids[0]);
         while near != 0 {
             let j = near.trailing_zeros() as usize;
@@ -887,6 +950,86 @@ impl List {
                 f(id, g * SKIP + j, dist[j], worst);
             }
         }
+    }
+}
+
+/// What a probe takes of one list: the entries with an id in `ranges`; when the selection's
+/// mask for the list is resolved, the same entries as bits (see [`SelectionMasks`]).
+#[derive(Debug, Clone, Copy)]
+struct ListSel<'a> {
+    ranges: &'a [(u64, u64)],
+    mask: Option<&'a [u64]>,
+}
+
+/// A selection's entries in each posting list, as one bit per entry, resolved once per list
+/// (by the first probe that opens it) and shared by every query over the same selection and
+/// index state. With the bits, a probe computes only the groups holding a selected entry,
+/// orders the groups by their nearest *selected* code and takes entries without walking the
+/// ranges; with ranges alone, a selection of a tenth of the models still meets a selected id
+/// in nearly every 64-entry group, and the walk visits many groups whose nearest code is one
+/// it may not take. Masks cost one bit per entry of the lists opened; all the masks of one
+/// index together are held to one byte per entry (about eight whole selections): a list
+/// opened past that is walked by its ranges.
+pub struct SelectionMasks {
+    lists: Vec<std::sync::OnceLock<Option<Box<[u64]>>>>,
+    held: std::sync::atomic::AtomicU64,
+    /// Bytes of all the masks held over the index (shared with it), and their limit.
+    budget: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    limit: u64,
+}
+
+impl SelectionMasks {
+    /// The mask of list `c` for `ranges` (the ranges this value was made for), resolved on
+    /// first use; `None` when the budget is spent.
+    fn list(&self, c: usize, list: &List, ranges: &[(u64, u64)]) -> Option<&[u64]> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.lists
+            .get(c)?
+            .get_or_init(|| {
+                let bytes = list.skips.len() as u64 * 8;
+                let used = self.budget.fetch_add(bytes, Relaxed);
+                if used + bytes > self.limit {
+                    self.budget.fetch_sub(bytes, Relaxed);
+                    return None;
+                }
+                self.held.fetch_add(bytes, Relaxed);
+                Some(list.selection_mask(ranges))
+            })
+            .as_deref()
+    }
+
+    /// Bytes of the masks resolved so far.
+    pub fn bytes(&self) -> u64 {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for SelectionMasks {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.budget.fetch_sub(*self.held.get_mut(), Relaxed);
+    }
+}
+
+impl std::fmt::Debug for SelectionMasks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SelectionMasks").field("lists", &self.lists.len()).field("bytes", &self.bytes()).finish()
+    }
+}
+
+/// The entries a query may take: filter-id ranges (sorted, disjoint, half-open), and, when the
+/// caller keeps them, the same selection's [`SelectionMasks`] (made by [`Index::masks`] for
+/// these ranges).
+#[derive(Debug, Clone, Copy)]
+pub struct Selected<'a> {
+    pub ranges: &'a [(u64, u64)],
+    pub masks: Option<&'a SelectionMasks>,
+}
+
+impl<'a> Selected<'a> {
+    /// The entries in `ranges`, walked by the ranges alone.
+    pub fn ranges(ranges: &'a [(u64, u64)]) -> Selected<'a> {
+        Selected { ranges, masks: None }
     }
 }
 
@@ -924,10 +1067,11 @@ fn transpose(codes: &[[i8; 9]], out: &mut [i8]) {
 }
 
 /// Code distances of one group of [`SKIP`] entries: Σ_d w_d (code_d − t_d)², summed in order
-/// d = 0..8, the smaller over the query and −q; written to `out`, the smallest returned. The
-/// same arithmetic on every path (no FMA), so the AVX2 build gives the portable build's values.
+/// d = 0..8, the smaller over the query and −q; written to `out`, +∞ for the entries whose bit
+/// is clear in `keep` (bit j: entry j); the smallest returned. The same arithmetic on every
+/// path (no FMA), so the AVX2 build gives the portable build's values.
 #[inline(always)]
-fn group_distances(codes: &[i8], cq: &CellQuery, out: &mut [f32; SKIP]) -> f32 {
+fn group_distances(codes: &[i8], cq: &CellQuery, keep: u64, out: &mut [f32; SKIP]) -> f32 {
     *out = [f32::INFINITY; SKIP];
     for t in &cq.ts[..cq.n] {
         let mut acc = [0f32; SKIP];
@@ -940,6 +1084,12 @@ fn group_distances(codes: &[i8], cq: &CellQuery, out: &mut [f32; SKIP]) -> f32 {
         }
         for (o, a) in out.iter_mut().zip(&acc) {
             *o = o.min(*a);
+        }
+    }
+    if keep != u64::MAX {
+        // Branch-free (a select per lane), so it vectorises.
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = if keep >> j & 1 == 1 { *o } else { f32::INFINITY };
         }
     }
     slice_min(out)
@@ -989,15 +1139,15 @@ impl Kernel {
     }
 
     #[inline(always)]
-    fn group(self, codes: &[i8], cq: &CellQuery, out: &mut [f32; SKIP]) -> f32 {
+    fn group(self, codes: &[i8], cq: &CellQuery, keep: u64, out: &mut [f32; SKIP]) -> f32 {
         match self {
-            Kernel::Portable => group_distances(codes, cq, out),
+            Kernel::Portable => group_distances(codes, cq, keep, out),
             // SAFETY: `Kernel::Avx2` (`Avx512`) is only made on a CPU that has AVX2 (AVX-512F),
             // the only feature the function enables.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { group_distances_avx2(codes, cq, out) },
+            Kernel::Avx2 => unsafe { group_distances_avx2(codes, cq, keep, out) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => unsafe { group_distances_avx512(codes, cq, out) },
+            Kernel::Avx512 => unsafe { group_distances_avx512(codes, cq, keep, out) },
         }
     }
 
@@ -1115,8 +1265,8 @@ fn centroid_distances_avx2(ct: &[f32], q: &[f32; 9], out: &mut [f32]) {
 /// [`group_distances`] compiled for AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn group_distances_avx2(codes: &[i8], cq: &CellQuery, out: &mut [f32; SKIP]) -> f32 {
-    group_distances(codes, cq, out)
+fn group_distances_avx2(codes: &[i8], cq: &CellQuery, keep: u64, out: &mut [f32; SKIP]) -> f32 {
+    group_distances(codes, cq, keep, out)
 }
 
 /// [`centroid_distances`] compiled for AVX-512F.
@@ -1129,8 +1279,8 @@ fn centroid_distances_avx512(ct: &[f32], q: &[f32; 9], out: &mut [f32]) {
 /// [`group_distances`] compiled for AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn group_distances_avx512(codes: &[i8], cq: &CellQuery, out: &mut [f32; SKIP]) -> f32 {
-    group_distances(codes, cq, out)
+fn group_distances_avx512(codes: &[i8], cq: &CellQuery, keep: u64, out: &mut [f32; SKIP]) -> f32 {
+    group_distances(codes, cq, keep, out)
 }
 
 /// A candidate by code distance.
@@ -1235,6 +1385,8 @@ pub struct Index {
     entries: u64,
     dead: u64,
     generation: u64,
+    /// Bytes of the [`SelectionMasks`] made over this index and still held.
+    mask_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What a probe did.
@@ -1264,6 +1416,7 @@ impl Index {
             entries: 0,
             dead: 0,
             generation: 0,
+            mask_bytes: Default::default(),
         }
     }
 
@@ -1378,6 +1531,29 @@ impl Index {
         (self.lists.iter().map(List::bytes).sum::<usize>() + q + clamped + self.lists.len() * std::mem::size_of::<List>()) as u64
     }
 
+    /// Empty masks for a selection over this index state (each list's resolved when a probe
+    /// first opens it); all the masks held over the index are limited to one byte per entry
+    /// (at least 1 MiB).
+    pub fn masks(&self) -> SelectionMasks {
+        self.masks_within(self.entries.max(1 << 20))
+    }
+
+    /// [`Index::masks`] with a limit of `limit` bytes for all the masks held over the index.
+    fn masks_within(&self, limit: u64) -> SelectionMasks {
+        SelectionMasks {
+            lists: (0..self.lists.len()).map(|_| std::sync::OnceLock::new()).collect(),
+            held: Default::default(),
+            budget: self.mask_bytes.clone(),
+            limit,
+        }
+    }
+
+    /// What a probe takes of list `c`.
+    fn list_sel<'a>(&'a self, c: usize, sel: Selected<'a>) -> ListSel<'a> {
+        let mask = sel.masks.and_then(|m| m.list(c, &self.lists[c], sel.ranges));
+        ListSel { ranges: sel.ranges, mask }
+    }
+
     /// The `nprobe` cells nearest to each query (union, ascending); ties by lower cell.
     fn probe_cells(&self, qs: &[[f32; 9]], nprobe: usize, kernel: Kernel) -> Vec<usize> {
         let nlist = self.quantizer.nlist();
@@ -1424,9 +1600,9 @@ impl Index {
         cells
     }
 
-    /// The `m` best candidates by code distance among entries in `ranges` (sorted, disjoint
-    /// filter-id ranges) of the `nprobe` cells nearest to q (and to −q when `qs` has two).
-    pub fn candidates(&self, qs: &[[f32; 9]], nprobe: usize, ranges: &[(u64, u64)], m: usize) -> (Vec<Approx>, ProbeStats) {
+    /// The `m` best candidates by code distance among the selected entries of the `nprobe`
+    /// cells nearest to q (and to −q when `qs` has two).
+    pub fn candidates(&self, qs: &[[f32; 9]], nprobe: usize, sel: Selected<'_>, m: usize) -> (Vec<Approx>, ProbeStats) {
         let kernel = Kernel::detect();
         let cells = self.probe_cells(qs, nprobe, kernel);
         let q = &self.quantizer;
@@ -1439,11 +1615,13 @@ impl Index {
                 dists.clear();
                 groups.clear();
                 let mut eps = Vec::with_capacity(cells.len());
+                let mut sels = Vec::with_capacity(cells.len());
                 let mut codes = 0u64;
                 for (slot, &c) in cells.iter().enumerate() {
                     let (cq, e) = q.cell_query(c, qs);
                     eps.push(e);
-                    codes += self.lists[c].distances_in(ranges, &cq, kernel, slot as u32, dists, groups);
+                    sels.push(self.list_sel(c, sel));
+                    codes += self.lists[c].distances_in(sels[slot], &cq, kernel, slot as u32, dists, groups);
                 }
                 groups.sort_unstable_by(|a, b| a.min.total_cmp(&b.min));
                 let mut best = Best::new(m);
@@ -1455,7 +1633,7 @@ impl Index {
                     let eps = eps[gr.slot as usize];
                     let clamped = list.clamped_in(gr.group as usize);
                     let mut worst = best.worst;
-                    list.visit(gr.group as usize, &dists[gr.dists as usize], ranges, 0, &mut worst, |id, i, d, worst| {
+                    list.visit(gr.group as usize, &dists[gr.dists as usize], sels[gr.slot as usize], 0, &mut worst, |id, i, d, worst| {
                         let eps = if clamped >> (i % SKIP) & 1 == 1 { f32::INFINITY } else { eps };
                         best.offer(Approx { d, id, eps });
                         *worst = best.worst;
@@ -1501,7 +1679,7 @@ impl Index {
     pub fn exact_walk<E>(
         &self,
         qs: &[[f32; 9]],
-        ranges: &[(u64, u64)],
+        sel: Selected<'_>,
         budget: WalkBudget,
         mut rerank: impl FnMut(u64) -> Result<f64, E>,
     ) -> Result<Option<WalkStats>, E> {
@@ -1569,7 +1747,8 @@ impl Index {
             dists.clear();
             groups.clear();
             stats.cells += 1;
-            stats.codes += list.distances_in(ranges, &cq, kernel, 0, &mut dists, &mut groups);
+            let lsel = self.list_sel(c, sel);
+            stats.codes += list.distances_in(lsel, &cq, kernel, 0, &mut dists, &mut groups);
             if stats.codes > budget.codes {
                 return Ok(None);
             }
@@ -1586,7 +1765,7 @@ impl Index {
                     continue;
                 }
                 let mut worst = dmax;
-                list.visit(gr.group as usize, &dists[gr.dists as usize], ranges, clamped, &mut worst, |id, i, d, _| {
+                list.visit(gr.group as usize, &dists[gr.dists as usize], lsel, clamped, &mut worst, |id, i, d, _| {
                     let lb = if clamped >> (i % SKIP) & 1 == 1 {
                         let code = list.code(i);
                         qs.iter().map(|qv| q.box_lower_bound(c, &code, &code, qv)).fold(f64::INFINITY, f64::min)
@@ -1704,13 +1883,20 @@ mod tests {
         let ranges = [(0, 1), (500, 90_000), (1_000_000, 1_000_001), (5_000_000, 20_000_000), (36_000_000, u64::MAX)];
         let cq = CellQuery { ts: [[0.0; 9]; 2], n: 1, w: [1.0; 9] };
         // Both passes, groups in list order, every distance accepted.
-        let walk_within = |ranges: &[(u64, u64)], kernel: Kernel, mut worst: f32| {
+        // Walked by the ranges, and by the selection's mask (the same entries as bits).
+        let walk_within = |ranges: &[(u64, u64)], masked: bool, kernel: Kernel, mut worst: f32| {
+            let mask = l.selection_mask(ranges);
+            let sel = ListSel { ranges, mask: masked.then_some(&mask[..]) };
             let (mut dists, mut groups) = (Vec::new(), Vec::new());
-            let computed = l.distances_in(ranges, &cq, kernel, 0, &mut dists, &mut groups);
+            let computed = l.distances_in(sel, &cq, kernel, 0, &mut dists, &mut groups);
             let mut got = Vec::new();
             for gr in &groups {
-                assert_eq!(gr.min, dists[gr.dists as usize].iter().fold(f32::INFINITY, |m, v| m.min(*v)));
-                l.visit(gr.group as usize, &dists[gr.dists as usize], ranges, 0, &mut worst, |id, i, d, _| {
+                let bits = if masked { mask[gr.group as usize] } else { u64::MAX };
+                assert_ne!(bits, 0, "a group without a selected entry was computed");
+                // With the mask, the group's minimum is its selected entries'.
+                let min = dists[gr.dists as usize].iter().enumerate().filter(|(j, _)| bits >> j & 1 == 1).fold(f32::INFINITY, |m, (_, v)| m.min(*v));
+                assert_eq!(gr.min, min);
+                l.visit(gr.group as usize, &dists[gr.dists as usize], sel, 0, &mut worst, |id, i, d, _| {
                     let code = l.code(i);
                     assert_eq!(code[0], id as i8);
                     assert_eq!(d, 9.0 * f32::from(code[0]) * f32::from(code[0]));
@@ -1719,17 +1905,40 @@ mod tests {
             }
             (got, computed)
         };
-        let walk = |ranges: &[(u64, u64)], kernel: Kernel| walk_within(ranges, kernel, f32::INFINITY).0;
         let want: Vec<u64> =
             ids.iter().copied().filter(|id| ranges.iter().any(|r| *id >= r.0 && *id < r.1)).collect();
+        // A range inside one group, one ending on a group boundary, ranges past the last id.
+        let (g3, g4) = (ids[3 * SKIP], ids[4 * SKIP]);
+        let edges = [(ids[70] + 1, ids[75]), (g3, g4), (ids[999] + 1, u64::MAX)];
+        let want_edges: Vec<u64> = ids.iter().copied().filter(|id| edges.iter().any(|r| *id >= r.0 && *id < r.1)).collect();
+        assert_eq!(want_edges.len(), 4 + SKIP);
         for kernel in Kernel::available() {
-            assert_eq!(walk(&ranges, kernel), want);
-            assert_eq!(walk(&[(0, u64::MAX)], kernel), ids);
+            for masked in [false, true] {
+                let walk = |ranges: &[(u64, u64)]| walk_within(ranges, masked, kernel, f32::INFINITY);
+                assert_eq!(walk(&ranges).0, want);
+                assert_eq!(walk(&[(0, u64::MAX)]).0, ids);
+                let (got, computed) = walk(&edges);
+                assert_eq!(got, want_edges);
+                if masked {
+                    // Only the selected entries are counted, and only their groups computed.
+                    assert_eq!(computed, want_edges.len() as u64);
+                }
+                assert!(walk(&[]).0.is_empty());
+            }
         }
+        // The mask of a range set: bit j of group g set exactly for the ids in the ranges.
+        let mask = l.selection_mask(&ranges);
+        assert_eq!(mask.len(), 1000usize.div_ceil(SKIP));
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(mask[i / SKIP] >> (i % SKIP) & 1 == 1, want.contains(id), "entry {i}, id {id}");
+        }
+        assert_eq!(mask[1000 / SKIP] >> (1000 % SKIP), 0, "bits past the last entry");
         // A bound on the distance skips the entries beyond it.
-        let (near, computed) = walk_within(&[(0, u64::MAX)], Kernel::detect(), 9.0 * 10.0 * 10.0);
-        assert_eq!(near, ids.iter().copied().filter(|id| (*id as i8).unsigned_abs() <= 10).collect::<Vec<_>>());
-        assert_eq!(computed, 1000);
+        for masked in [false, true] {
+            let (near, computed) = walk_within(&[(0, u64::MAX)], masked, Kernel::detect(), 9.0 * 10.0 * 10.0);
+            assert_eq!(near, ids.iter().copied().filter(|id| (*id as i8).unsigned_abs() <= 10).collect::<Vec<_>>());
+            assert_eq!(computed, 1000);
+        }
     }
 
     #[test]
@@ -1773,6 +1982,7 @@ mod tests {
     #[test]
     fn every_kernel_build_gives_the_portable_values_bit_for_bit() {
         let mut r = XorShift(4242);
+        let mut r2 = XorShift(77);
         let mut f = |scale: f32| (r.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 * scale - scale;
         let kernels = Kernel::available();
         for round in 0..200 {
@@ -1785,9 +1995,13 @@ mod tests {
             let ct: Vec<f32> = (0..9 * cells).map(|_| f(2.0)).collect();
             let bt: Vec<f32> = (0..18 * cells).map(|i| if i < 9 * cells { f(1.0) - 1.0 } else { f(1.0) + 1.0 }).collect();
             let q: [f32; 9] = std::array::from_fn(|_| f(2.5));
+            // Every entry kept, or a random set (the masking of unselected entries).
+            let keep = if round % 3 == 0 { u64::MAX } else { r2.next() & r2.next() };
             let run = |k: Kernel| {
                 let mut g = [0f32; SKIP];
-                let min = k.group(&codes, &cq, &mut g);
+                let min = k.group(&codes, &cq, keep, &mut g);
+                assert!(g.iter().enumerate().all(|(j, x)| keep >> j & 1 == 1 || x.is_infinite()));
+                assert_eq!(min, g.iter().fold(f32::INFINITY, |m, x| m.min(*x)));
                 let (mut c, mut b) = (vec![0f32; cells], vec![0f32; cells]);
                 k.centroid_distances(&ct, &q, &mut c);
                 k.box_distances(&bt, &q, &mut b);
@@ -1852,14 +2066,17 @@ mod tests {
             let qs: Vec<[f32; 9]> = if t % 3 == 0 { vec![query, query.map(|v| -v)] } else { vec![query] };
             let d_of = |id: u64| qs.iter().map(|qv| dist(&pts[id as usize], qv)).fold(f64::INFINITY, f64::min);
             for (si, ranges) in selections.iter().enumerate() {
+                let masks = idx.masks();
                 for k in [1usize, 10, 100] {
+                    // By the ranges alone, or with the selection's masks (odd queries, and k = 10).
+                    let sel = Selected { ranges, masks: (t % 2 == 1 || k == 10).then_some(&masks) };
                     let mut want: Vec<(f64, u64)> = ranges.iter().flat_map(|r| r.0..r.1).map(|id| (d_of(id), id)).collect();
                     want.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
                     want.truncate(k);
                     let mut top: Vec<(f64, u64)> = Vec::new();
                     let mut read = std::collections::HashSet::new();
                     let stats = idx
-                        .exact_walk(&qs, ranges, WalkBudget { reranks: u64::MAX, codes: u64::MAX }, |id| -> Result<f64, ()> {
+                        .exact_walk(&qs, sel, WalkBudget { reranks: u64::MAX, codes: u64::MAX }, |id| -> Result<f64, ()> {
                             assert!(ranges.iter().any(|r| (r.0..r.1).contains(&id)), "id {id} outside the selection");
                             assert!(read.insert(id), "id {id} re-ranked twice");
                             top.push((d_of(id), id));
@@ -1878,7 +2095,7 @@ mod tests {
         // A scan reads every selected filter: 60 queries × (32,500 + 6,430 + 501) × 3 values of k.
         assert!(read_total < 60 * 39_431 * 3 / 20, "the walk read {read_total} filters");
         // A budget that runs out says so.
-        let none = idx.exact_walk(&[pts[0]], &[(0, n)], WalkBudget { reranks: 3, codes: u64::MAX }, |_| -> Result<f64, ()> { Ok(f64::INFINITY) }).unwrap();
+        let none = idx.exact_walk(&[pts[0]], Selected::ranges(&[(0, n)]), WalkBudget { reranks: 3, codes: u64::MAX }, |_| -> Result<f64, ()> { Ok(f64::INFINITY) }).unwrap();
         assert!(none.is_none());
     }
 
@@ -1912,7 +2129,7 @@ mod tests {
         idx.add(&Segment::build(&q, 0, &[(0, &flat)])).unwrap();
         let query = [0.1f32, -0.2, 0.3, 0.0, 0.5, -0.1, 0.2, 0.2, -0.3];
         let ranges = [(1000, 20_000)];
-        let (cands, stats) = idx.candidates(&[query], q.nlist(), &ranges, 50);
+        let (cands, stats) = idx.candidates(&[query], q.nlist(), Selected::ranges(&ranges), 50);
         // Whole groups are computed: the selected 19,000 and at most a group each side per list.
         assert!((19_000..=19_000 + 2 * SKIP as u64 * q.nlist() as u64).contains(&stats.codes), "{}", stats.codes);
         let mut exact: Vec<(f32, u64)> =
@@ -1923,5 +2140,54 @@ mod tests {
             assert!(got.contains(id), "true neighbour {id} missing from the candidates");
         }
         assert!(cands.iter().all(|a| (1000..20_000).contains(&a.id)));
+    }
+
+    /// A probe with the selection's masks returns what the probe by ranges returns, the same
+    /// candidates in the same order, while computing only selected entries; lists past the
+    /// masks' budget are walked by their ranges, and dropped masks give their bytes back.
+    #[test]
+    fn selection_masks_give_the_candidates_of_the_ranges_within_their_budget() {
+        let pts = clustered(40_000, 9);
+        let q = Quantizer::train(1, &pts[..20_000], 20_000);
+        let flat: Vec<f32> = pts.iter().flatten().copied().collect();
+        let mut idx = Index::new(q.clone());
+        // Four "models" of 10,000 filters, ids with a gap between them.
+        for m in 0..4u64 {
+            let part = &flat[(m * 10_000 * 9) as usize..((m + 1) * 10_000 * 9) as usize];
+            idx.add(&Segment::build(&q, m, &[(m * 20_000, part)])).unwrap();
+        }
+        let id_of = |i: usize| (i / 10_000 * 20_000 + i % 10_000) as u64;
+        // A tenth of the ids in runs of 50, a run inside one model, and everything.
+        let tenth: Vec<(u64, u64)> = (0..4u64).flat_map(|m| (0..20u64).map(move |r| (m * 20_000 + r * 500, m * 20_000 + r * 500 + 50))).collect();
+        let selections: [&[(u64, u64)]; 3] = [&tenth, &[(20_100, 27_000)], &[(0, u64::MAX)]];
+        let mut r = XorShift(13);
+        for ranges in selections {
+            let selected = (0..pts.len()).filter(|&i| ranges.iter().any(|x| (x.0..x.1).contains(&id_of(i)))).count() as u64;
+            for limit in [u64::MAX, 3_000] {
+                let masks = idx.masks_within(limit);
+                for t in 0..30 {
+                    let query: [f32; 9] = if t % 3 == 0 { pts[t * 977] } else { std::array::from_fn(|_| ((r.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0) };
+                    let qs: Vec<[f32; 9]> = if t % 4 == 0 { vec![query, query.map(|v| -v)] } else { vec![query] };
+                    for nprobe in [1, 5, q.nlist()] {
+                        let (plain, ps) = idx.candidates(&qs, nprobe, Selected::ranges(ranges), 40);
+                        let (masked, ms) = idx.candidates(&qs, nprobe, Selected { ranges, masks: Some(&masks) }, 40);
+                        let key = |v: &[Approx]| v.iter().map(|a| (a.d.to_bits(), a.id, a.eps.to_bits())).collect::<Vec<_>>();
+                        assert_eq!(key(&masked), key(&plain), "query {t}, nprobe {nprobe}");
+                        assert!(masked.iter().all(|a| ranges.iter().any(|x| (x.0..x.1).contains(&a.id))));
+                        assert!(ms.codes <= ps.codes);
+                        if nprobe == q.nlist() && limit == u64::MAX {
+                            // Every list opened: exactly the selected entries were computed.
+                            assert_eq!(ms.codes, selected);
+                        }
+                    }
+                }
+                assert!(masks.bytes() > 0 && masks.bytes() <= limit);
+                assert_eq!(idx.mask_bytes.load(std::sync::atomic::Ordering::Relaxed), masks.bytes());
+                if limit != u64::MAX {
+                    assert!(masks.lists.iter().any(|m| m.get().is_some_and(|m| m.is_none())), "the budget never ran out");
+                }
+            }
+            assert_eq!(idx.mask_bytes.load(std::sync::atomic::Ordering::Relaxed), 0, "dropped masks keep their bytes");
+        }
     }
 }

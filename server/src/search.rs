@@ -198,8 +198,21 @@ impl From<&CatalogLayer> for ScanSlot {
 pub(crate) struct AnnPlan {
     key: (u32, u64),
     ranges: Vec<(u64, u64)>,
+    /// The same selection as bits per posting list, for a selection of at most
+    /// [`MASKS_BELOW_SHARE`] of the indexed filters (resolved per list as probes open it).
+    masks: Option<crate::ann::SelectionMasks>,
     unindexed: Vec<usize>,
     indexed_filters: u64,
+}
+
+/// Selections of at most this share of the indexed filters keep [`crate::ann::SelectionMasks`]:
+/// over a broader one nearly every entry is selected and the ranges are as good.
+const MASKS_BELOW_SHARE: f64 = 0.5;
+
+impl AnnPlan {
+    fn selected(&self) -> crate::ann::Selected<'_> {
+        crate::ann::Selected { ranges: &self.ranges, masks: self.masks.as_ref() }
+    }
 }
 
 impl SelectionPlan {
@@ -229,7 +242,8 @@ impl SelectionPlan {
                 _ => ranges.push((a, b)),
             }
         }
-        let p = Arc::new(AnnPlan { key: ix.key(), ranges, unindexed, indexed_filters });
+        let masks = (indexed_filters as f64 <= MASKS_BELOW_SHARE * ix.live_entries() as f64).then(|| ix.masks());
+        let p = Arc::new(AnnPlan { key: ix.key(), ranges, masks, unindexed, indexed_filters });
         *slot = Some(p.clone());
         p
     }
@@ -1169,7 +1183,7 @@ impl Engine {
             return Ok(IndexAnswer::Declined("no search index is built yet (see `filterdb search-index`)".into()));
         };
         let ann = plan.ann_plan(ix);
-        let (ranges, unindexed, indexed_filters) = (&ann.ranges, ann.unindexed.clone(), ann.indexed_filters);
+        let (unindexed, indexed_filters) = (ann.unindexed.clone(), ann.indexed_filters);
         let nlist = ix.quantizer.nlist();
         let base = if q.nprobe == 0 { crate::ann::DEFAULT_NPROBE } else { q.nprobe };
         // A narrow selection meets fewer of its filters per cell: widen the probe by
@@ -1184,7 +1198,7 @@ impl Engine {
         };
         let rerank = if q.rerank == 0 { crate::ann::DEFAULT_RERANK } else { q.rerank };
         let want = q.k.saturating_mul(rerank).max(q.k) + usize::from(spec.skip_id.is_some());
-        let (cands, stats) = ix.candidates(qs, nprobe, ranges, want);
+        let (cands, stats) = ix.candidates(qs, nprobe, ann.selected(), want);
         let version = ix.quantizer.version;
         drop(guard);
 
@@ -1268,7 +1282,7 @@ impl Engine {
         // The index stays read-locked during the walk, so a failed read ends the walk (and the
         // scan, which knows about layers deleted meanwhile, answers) rather than taking the
         // engine's write lock here.
-        let walked = ix.exact_walk(qs, &ann.ranges, budget, |id| -> std::result::Result<f64, StoreError> {
+        let walked = ix.exact_walk(qs, ann.selected(), budget, |id| -> std::result::Result<f64, StoreError> {
             if let Some((slot, idx)) = plan.locate(id) {
                 let layer = &plan.slots[slot];
                 cursor.for_each_run(layer.span, idx, idx + 1, |first, bytes| spec.scan(slot, layer, first, bytes, &mut top, &shared))?;
