@@ -440,7 +440,12 @@ fn run(target: u64, seed: u64, nq: usize, work: &Path) -> anyhow::Result<()> {
         // cells that reaches (a narrow selection's nprobe 1), exact cell counts
         // (`nprobe_unscaled`): one curve of cells probed.
         let mut points = Vec::new();
+        // The selection's first approximate query also resolves its masks for the lists it
+        // opens (see `SelectionMasks`): timed, and the masks' bytes read after the sweep.
+        let masks_before = engine.search_index_status().selection_mask_bytes;
+        let t_first = Instant::now();
         let floor = engine.nearest(&query(queries[0], &sel, Mode::Approximate, 1, false), 1000)?.nprobe as usize;
+        let first_approx_ms = t_first.elapsed().as_secs_f64() * 1e3;
         let unscaled = nprobes.iter().filter(|&&np| np < floor).map(|&np| (np, true));
         for (np, unscaled) in nprobes.iter().map(|&np| (np, false)).chain(unscaled) {
             let ask = |q: [f32; 9]| query_cells(q, &sel, Mode::Approximate, np, false, unscaled);
@@ -458,7 +463,10 @@ fn run(target: u64, seed: u64, nq: usize, work: &Path) -> anyhow::Result<()> {
             eprintln!("  nprobe {np:>3}{u} (used {:>4}, {:?}, {} re-ranked): recall@10 {recall:.3}, {q_s:.0} QPS", one.nprobe, one.mode, one.candidates_reranked);
             points.push(json!({"nprobe": np, "unscaled": unscaled, "nprobe_used": one.nprobe, "mode": format!("{:?}", one.mode), "recall": recall, "qps": q_s}));
         }
+        let mask_bytes = engine.search_index_status().selection_mask_bytes.saturating_sub(masks_before);
+        eprintln!("  first approximate query {first_approx_ms:.3} ms; selection masks after the sweep {mask_bytes} bytes");
         sel_rows.push(json!({"label": label, "expr": expr, "selected": selected, "selectivity": selected as f64 / n_total as f64,
+            "first_approx_ms": first_approx_ms, "mask_bytes": mask_bytes,
             "exact_ms": exact_s * 1e3, "exact_filters_per_s": rate, "bandwidth": bw_sel, "bandwidth_fraction": rate / bw_filters,
             "indexed_ms": indexed_s * 1e3, "indexed_read": read as f64 / nq as f64}));
         curves.push(json!({"label": label, "points": points}));
@@ -534,6 +542,12 @@ fn run(target: u64, seed: u64, nq: usize, work: &Path) -> anyhow::Result<()> {
         };
         writeln!(md, "| {} | {} | {} | {ratio} |", c["label"].as_str().unwrap_or(""), f(&ours), f(&theirs))?;
     }
+    let masks: Vec<String> = sel_rows
+        .iter()
+        .map(|r| format!("{} {:.1} KiB (first query {:.2} ms)", r["label"].as_str().unwrap_or(""), r["mask_bytes"].as_f64().unwrap_or(0.0) / 1024.0, r["first_approx_ms"].as_f64().unwrap_or(0.0)))
+        .collect();
+    writeln!(md, "
+Selection masks resolved by each selection's approximate queries (bits per posting-list entry of the lists opened; not in the index heap above; a selection over half the store keeps none): {}.", masks.join(", "))?;
     if let Some(b) = peers["faiss_build_s"].as_f64() {
         writeln!(md, "\nFAISS train + add: {b:.1} s; FAISS index memory {:.1} B/filter (vectors + ids).", peers["faiss_bytes_per_filter"].as_f64().unwrap_or(0.0))?;
     }

@@ -1523,6 +1523,11 @@ impl Index {
         self.models.len()
     }
 
+    /// Bytes of the [`SelectionMasks`] held over the index (not in [`Index::bytes`]).
+    pub fn mask_bytes(&self) -> u64 {
+        self.mask_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Heap bytes held by the lists and the quantizer.
     pub fn bytes(&self) -> u64 {
         let q = (self.quantizer.coarse.len() + 2 * self.quantizer.centroids.len()) * 36 + (self.centroids_t.capacity() + self.boxes_t.capacity() + self.radius.capacity()) * 4;

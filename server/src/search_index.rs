@@ -67,6 +67,8 @@ pub struct IndexStatus {
     pub trained_on: u64,
     /// Heap bytes of the index and of the pinned block view's address table.
     pub bytes: u64,
+    /// Heap bytes of the cached selections' masks over the index (not in `bytes`).
+    pub selection_mask_bytes: u64,
     /// The builder.
     pub build: BuildStatus,
 }
@@ -298,6 +300,7 @@ impl Engine {
                 unindexed_models: unindexed,
                 trained_on: ix.quantizer.trained_on,
                 bytes: ix.bytes() + self.block_view().map_or(0, |v| v.bytes()),
+                selection_mask_bytes: ix.mask_bytes(),
                 build,
             },
         }

@@ -357,6 +357,12 @@ async fn search_approximate_recall_exact_distances_selection_and_maintenance() {
     }
     let j = cli(&["--json", "nearest", "--kernel", &k, "--approx", "--nprobe", "2", "--nprobe-unscaled", "--where", "task = 'Segmentation'"]);
     assert_eq!((j["mode"].as_str(), j["nprobe"].as_u64()), (Some("approximate"), Some(2)), "{j}");
+    // Beta's selection (half the indexed filters) keeps its per-list masks, reported
+    // apart from the index's own bytes and within their bound of a byte per entry.
+    let st3 = status(&mut s).await;
+    assert!(beta_share <= 0.5, "beta holds {beta_share} of the filters: the test needs a selection of at most half");
+    assert!(st3.selection_mask_bytes > 0 && st3.selection_mask_bytes <= st3.entries.max(1 << 20), "{st3:?}");
+    assert_eq!(cli(&["--json", "search-index"])["selection_mask_bytes"], st3.selection_mask_bytes);
 
     // Small selections and other spaces are answered exactly, with the reason.
     let r = s.nearest(request(&qs[0], pb::SearchMode::Approximate, 0, 0, Some("model = 'alpha' and layer_index = 0"))).await.unwrap().into_inner();

@@ -35,7 +35,7 @@ fn status_json(s: &SearchIndexStatusResponse) -> serde_json::Value {
     serde_json::json!({
         "version": s.version, "nlist": s.nlist, "entries": s.entries, "dead_entries": s.dead_entries,
         "models": s.models, "unindexed_models": s.unindexed_models, "trained_on": s.trained_on,
-        "bytes": s.bytes, "bytes_per_filter": s.bytes_per_filter,
+        "bytes": s.bytes, "bytes_per_filter": s.bytes_per_filter, "selection_mask_bytes": s.selection_mask_bytes,
         "build": {"running": b.running, "phase": b.phase, "done": b.done, "total": b.total, "version": b.version,
                   "reason": b.reason, "error": b.error, "seconds": b.seconds},
     })
@@ -46,7 +46,7 @@ fn status_text(s: &SearchIndexStatusResponse) -> String {
         format!("no search index yet ({} models stored; approximate queries are answered exactly)\n", s.unindexed_models)
     } else {
         format!(
-            "search index v{}: {} cells, {} filters of {} models ({} models not indexed yet), {} dead entries\nmemory {:.1} MiB = {:.2} bytes/filter; quantizer trained on {} filters\n",
+            "search index v{}: {} cells, {} filters of {} models ({} models not indexed yet), {} dead entries\nmemory {:.1} MiB = {:.2} bytes/filter (and {:.1} MiB of cached selections' masks); quantizer trained on {} filters\n",
             s.version,
             s.nlist,
             s.entries,
@@ -55,6 +55,7 @@ fn status_text(s: &SearchIndexStatusResponse) -> String {
             s.dead_entries,
             s.bytes as f64 / (1 << 20) as f64,
             s.bytes_per_filter,
+            s.selection_mask_bytes as f64 / (1 << 20) as f64,
             s.trained_on
         )
     };

@@ -279,6 +279,7 @@ pub fn index_status(s: &crate::search_index::IndexStatus) -> pb::SearchIndexStat
         trained_on: s.trained_on,
         bytes: s.bytes,
         bytes_per_filter: if s.entries > 0 { s.bytes as f64 / s.entries as f64 } else { 0.0 },
+        selection_mask_bytes: s.selection_mask_bytes,
         build: Some(pb::SearchIndexBuild {
             running: s.build.running,
             phase: s.build.phase.clone(),
