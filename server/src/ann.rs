@@ -763,9 +763,15 @@ impl List {
 
     /// The ids of group `g`'s entries into `out`; returns how many.
     fn group_ids(&self, g: usize, out: &mut [u64; SKIP]) -> usize {
+        self.group_ids_upto(g, SKIP, out)
+    }
+
+    /// The ids of group `g`'s first `upto` entries (at most as many as it has) into `out`;
+    /// returns how many.
+    fn group_ids_upto(&self, g: usize, upto: usize, out: &mut [u64; SKIP]) -> usize {
         let Some(&(first, esc)) = self.skips.get(g) else { return 0 };
         let start = g * SKIP;
-        let end = (start + SKIP).min(self.len());
+        let end = (start + upto.min(SKIP)).min(self.len());
         let mut e = esc as usize;
         let mut id = first;
         for (i, o) in (start..end).zip(out.iter_mut()) {
@@ -902,26 +908,32 @@ impl List {
         computed
     }
 
-    /// Pass 2: calls `f(id, entry, distance, worst)` for the entries of group `g` whose id lies
-    /// in one of `ranges` and whose distance (`dist`, from pass 1) is at most `*worst` (which
+    /// Pass 2: calls `f(id, entry, distance, worst)` for the entries of group `g` that `sel`
+    /// selects and whose distance (`dist`, from pass 1) is at most `*worst` (which
     /// `f` may lower), or whose bit is set in `always` (bit j: entry j of the group).
     fn visit(&self, g: usize, dist: &[f32; SKIP], sel: ListSel<'_>, always: u64, worst: &mut f32, mut f: impl FnMut(u64, usize, f32, &mut f32)) {
-        let mut ids = [0u64; SKIP];
-        let len = self.group_ids(g, &mut ids);
         // The entries within the current worst (a vectorised compare; most are not), then
         // those alone, in order, each checked again as `f` lowers the worst, and against the
-        // selection: its mask's bits, or the ranges (ids ascend, so one forward walk).
+        // selection: its mask's bits, or the ranges (ids ascend, so one forward walk). Ids are
+        // decoded only as far as the last of them.
         let mut near = always;
         for (j, d) in dist.iter().enumerate() {
             if *d <= *worst {
                 near |= 1 << j;
             }
         }
+        if let Some(mask) = sel.mask {
+            near &= mask.get(g).copied().unwrap_or(0);
+        }
+        if near == 0 {
+            return;
+        }
+        let mut ids = [0u64; SKIP];
+        let len = self.group_ids_upto(g, SKIP - near.leading_zeros() as usize, &mut ids);
         if len < SKIP {
             near &= (1u64 << len) - 1;
         }
-        if let Some(mask) = sel.mask {
-            near &= mask.get(g).copied().unwrap_or(0);
+        if sel.mask.is_some() {
             while near != 0 {
                 let j = near.trailing_zeros() as usize;
                 near &= near - 1;
