@@ -818,7 +818,7 @@ impl List {
             }
             let len = (self.len() - g * SKIP).min(SKIP);
             if a <= first && b >= next_first {
-                *o = if len < SKIP { (1u64 << len) - 1 } else { u64::MAX };
+                *o = low_bits(len);
                 continue;
             }
             self.group_ids(g, &mut ids);
@@ -840,9 +840,6 @@ impl List {
     /// appended to `dists`, with a [`GroupRef`] per group (`slot` names the list) in `groups`.
     /// Returns the codes whose distance was computed.
     fn distances_in(&self, sel: ListSel<'_>, cq: &CellQuery, kernel: Kernel, slot: u32, dists: &mut Vec<[f32; SKIP]>, groups: &mut Vec<GroupRef>) -> u64 {
-        let n = self.len();
-        let mut computed = 0u64;
-        let mut tail = [0i8; 9 * SKIP];
         // First the groups to compute, then their codes fetched all at once (a group's 576
         // bytes are nine cache lines, and the groups of a narrow selection lie apart: fetched
         // one group at a time, each waited for its own misses), then the distances.
@@ -856,14 +853,20 @@ impl List {
             groups.push(GroupRef { min: 0.0, slot, group: g as u32, dists: dists.len() as u32 });
             dists.push([f32::INFINITY; SKIP]);
         };
-        let ranges = sel.ranges;
-        let (mut r, mut g) = (0, 0);
         if let Some(mask) = sel.mask {
             for (g, _) in mask.iter().enumerate().filter(|(_, m)| **m != 0) {
                 todo(g, groups);
             }
-            g = self.skips.len();
+        } else {
+            self.groups_in(sel.ranges, |g| todo(g, groups));
         }
+        self.compute(&mut groups[todo_from..], sel.mask, cq, kernel, dists)
+    }
+
+    /// The groups that may hold an entry of `ranges`, ascending (a group lying wholly between
+    /// two ranges is skipped, a run of them by a search of the skip table).
+    fn groups_in(&self, ranges: &[(u64, u64)], mut each: impl FnMut(usize)) {
+        let (mut r, mut g) = (0, 0);
         while g < self.skips.len() && r < ranges.len() {
             let first = self.skips[g].0;
             let next_first = self.skips.get(g + 1).map_or(u64::MAX, |s| s.0);
@@ -881,10 +884,16 @@ impl List {
                 g = j.saturating_sub(1).max(g + 1);
                 continue;
             }
-            todo(g, groups);
+            each(g);
             g += 1;
         }
-        for gr in &mut groups[todo_from..] {
+    }
+
+    /// The code distances of `groups` (their minima set); returns the entries counted.
+    fn compute(&self, groups: &mut [GroupRef], mask: Option<&[u64]>, cq: &CellQuery, kernel: Kernel, dists: &mut [[f32; SKIP]]) -> u64 {
+        let mut computed = 0u64;
+        let mut tail = [0i8; 9 * SKIP];
+        for gr in groups {
             let g = gr.group as usize;
             let codes = match self.codes.get(g * 9 * SKIP..(g + 1) * 9 * SKIP) {
                 Some(c) => c,
@@ -896,11 +905,9 @@ impl List {
             // The zero padding of the last, partial group is no entry; with a mask, only the
             // selected entries count: the group's minimum is theirs, so the walk orders and
             // stops by what it may take.
-            let len = (n - g * SKIP).min(SKIP);
-            let keep = match sel.mask.and_then(|m| m.get(g)) {
+            let keep = match mask.and_then(|m| m.get(g)) {
                 Some(&bits) => bits,
-                None if len < SKIP => (1u64 << len) - 1,
-                None => u64::MAX,
+                None => low_bits(self.len() - g * SKIP),
             };
             gr.min = kernel.group(codes, cq, keep, &mut dists[gr.dists as usize]);
             computed += u64::from(keep.count_ones());
@@ -930,9 +937,7 @@ impl List {
         }
         let mut ids = [0u64; SKIP];
         let len = self.group_ids_upto(g, SKIP - near.leading_zeros() as usize, &mut ids);
-        if len < SKIP {
-            near &= (1u64 << len) - 1;
-        }
+        near &= low_bits(len);
         if sel.mask.is_some() {
             while near != 0 {
                 let j = near.trailing_zeros() as usize;
@@ -963,6 +968,11 @@ impl List {
             }
         }
     }
+}
+
+/// The lowest `n` bits set (all 64 for `n` ≥ 64): the entries of a group holding `n`.
+fn low_bits(n: usize) -> u64 {
+    if n >= 64 { u64::MAX } else { (1u64 << n) - 1 }
 }
 
 /// What a probe takes of one list: the entries with an id in `ranges`; when the selection's
